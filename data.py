@@ -1,0 +1,225 @@
+"""Verifiable tasks for RLVR: synthetic generators and loaders for the formats users already have.
+
+Every row is a dict:
+    {"messages": [{"role": "user", "content": ...}, ...],  # the prompt, as chat messages
+     "answer": "492",                                      # ground truth (or one valid solution)
+     "task": "math" | "countdown",                          # which check verifier.reward() applies
+     ...task extras ("numbers", "target" for countdown)}
+
+Synthetic tasks (`mul`, `lin`, `countdown`) are generated deterministically from (task, difficulty),
+and split into train / eval by a hash of the prompt text, so a held-out prompt can never appear in
+training, whatever the seed or the number of rows asked for.
+
+Files: JSONL, JSON (a list) or parquet, with either
+    question|problem|prompt (text) + answer|solution   (GSM8K's '#### N' answers are understood), or
+    prompt (a list of chat messages) + reward_model.ground_truth   (the verl layout).
+A malformed row raises DataError naming the file, row and field, before any training starts.
+"""
+import hashlib
+import json
+import os
+import random
+import re
+
+TASKS = ("mul", "lin", "countdown")
+DEFAULT_DIFFICULTY = {"mul": "3x1", "lin": "1", "countdown": "3"}
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the message names the file, row and field."""
+
+
+def is_eval(prompt_text, eval_frac=0.15):
+    """Deterministic train/eval split by a hash of the prompt: stable across runs and machines."""
+    h = int(hashlib.sha1(prompt_text.encode()).hexdigest()[:8], 16)
+    return h / 2 ** 32 < eval_frac
+
+
+def prompt_text(row):
+    """The text a row's prompt is identified by (for splitting and de-duplication)."""
+    return "\n".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+                     for m in row["messages"])
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic tasks
+# ---------------------------------------------------------------------------------------------
+def _mul(rng, difficulty):
+    """n-digit x m-digit multiplication, difficulty 'NxM' (e.g. '3x1')."""
+    n, m = (int(d) for d in difficulty.split("x"))
+    a = rng.randint(10 ** (n - 1) if n > 1 else 0, 10 ** n - 1)
+    b = rng.randint(10 ** (m - 1) if m > 1 else 2, 10 ** m - 1)
+    return {"messages": _user(f"{a}*{b}=?"), "answer": str(a * b), "task": "math"}
+
+
+def _lin(rng, difficulty):
+    """Solve a*x+b=c for an integer x; difficulty = digits of a, b and x."""
+    d = int(difficulty)
+    a = rng.randint(2, max(2, 10 ** d - 1))
+    x = rng.randint(-(10 ** d - 1), 10 ** d - 1)
+    b = rng.randint(-(10 ** d - 1), 10 ** d - 1)
+    c = a * x + b
+    lhs = f"{a}x+{b}" if b >= 0 else f"{a}x-{-b}"
+    return {"messages": _user(f"{lhs}={c}, x=?"), "answer": str(x), "task": "math"}
+
+
+def _countdown(rng, difficulty):
+    """Reach a target with each of n numbers exactly once (+ - * /); many answers are valid.
+    The target is built from a random expression, so a solution always exists; 'answer' keeps
+    that one solution (for SFT), the verifier accepts any valid one."""
+    n = int(difficulty)
+    nums = [rng.randint(1, 9) for _ in range(n)]
+    expr, value = str(nums[0]), nums[0]
+    for x in nums[1:]:
+        op = rng.choice("+-*") if value * x < 200 else rng.choice("+-")
+        expr, value = (f"({expr}){op}{x}" if op == "*" and any(o in expr for o in "+-")
+                       else f"{expr}{op}{x}"), _apply(value, op, x)
+    shown = sorted(nums)
+    return {"messages": _user(f"Use {' '.join(map(str, shown))} to make {value}."),
+            "answer": expr, "task": "countdown", "numbers": shown, "target": value}
+
+
+def _apply(a, op, b):
+    """Integer arithmetic for the generator (never applied to text)."""
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+_GENERATORS = {"mul": _mul, "lin": _lin, "countdown": _countdown}
+
+
+def make_task(task, difficulty=None, n_train=20_000, n_eval=1_000, eval_frac=0.15):
+    """(train_rows, eval_rows) of a synthetic task. Deterministic in (task, difficulty): the same
+    pool for every training seed, so runs with different seeds are compared on the same eval set.
+    Draws distinct prompts until both splits are full or the task's space is exhausted."""
+    if task not in _GENERATORS:
+        raise DataError(f"unknown task {task!r}: choose one of {TASKS} or give a data file path")
+    difficulty = difficulty or DEFAULT_DIFFICULTY[task]
+    rng = random.Random(f"{task}:{difficulty}")
+    train, evals, seen, misses = [], [], set(), 0
+    while (len(train) < n_train or len(evals) < n_eval) and misses < 20 * (n_train + n_eval):
+        row = _GENERATORS[task](rng, difficulty)
+        key = prompt_text(row)
+        if key in seen:
+            misses += 1
+            continue
+        seen.add(key)
+        split = evals if is_eval(key, eval_frac) else train
+        if len(split) < (n_eval if split is evals else n_train):
+            split.append(row)
+    return train, evals
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def _read_records(path):
+    """(row_number, record) pairs from a .jsonl / .json / .parquet file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's own message says what is wrong with the file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        return list(enumerate(table.to_pylist(), start=1))
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON ({e})") from None
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of rows")
+            return list(enumerate(data, start=1))
+        out = []
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        return out
+
+
+def _gsm8k_answer(text):
+    """GSM8K's worked answer '... #### 1,234' -> '1234'."""
+    return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text.strip()
+
+
+def parse_record(rec, where):
+    """One file record -> a row, or DataError naming `where` (file:row) and the field."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
+    prompt = next((rec[k] for k in ("prompt", "question", "problem") if rec.get(k) is not None), None)
+    if prompt is None:
+        raise DataError(f"{where}: missing field 'question' (or 'problem' / 'prompt')")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise DataError(f"{where}: field 'question' is empty")
+        messages = _user(prompt)
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt):
+        messages = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    else:
+        raise DataError(f"{where}: field 'prompt' must be text or a list of "
+                        "{'role': ..., 'content': ...} messages")
+    rm = rec.get("reward_model")
+    if isinstance(rm, dict) and rm.get("ground_truth") is not None:
+        answer = rm["ground_truth"]
+    else:
+        answer = rec.get("answer", rec.get("solution"))
+    if answer is None:
+        raise DataError(f"{where}: missing field 'answer' (or 'reward_model.ground_truth')")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise DataError(f"{where}: field 'answer' must be a non-empty string, got {answer!r:.60}")
+    return {"messages": messages, "answer": _gsm8k_answer(answer), "task": "math"}
+
+
+def load_file(path):
+    """All rows of a data file; DataError on the first malformed row."""
+    rows = [parse_record(rec, f"{path}:{i}") for i, rec in _read_records(path)]
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.15):
+    """(train_rows, eval_rows) for `--data` / `--eval_data`: a task name or a file path.
+    A file without a separate eval file is split by prompt hash."""
+    if spec in _GENERATORS:
+        train, evals = make_task(spec, difficulty, n_eval=n_eval, eval_frac=eval_frac)
+    else:
+        rows = load_file(spec)
+        train = [r for r in rows if not is_eval(prompt_text(r), eval_frac)]
+        evals = [r for r in rows if is_eval(prompt_text(r), eval_frac)]
+        if eval_spec is not None:
+            train = rows
+    if eval_spec is not None:
+        evals = load_file(eval_spec)
+        held = {prompt_text(r) for r in evals}
+        train = [r for r in train if prompt_text(r) not in held]  # never train on eval prompts
+    if not train:
+        raise DataError(f"{spec}: no training rows left after the eval split")
+    return train, evals[:n_eval]
+
+
+def sft_response(row):
+    """The SFT target for a synthetic row: the bare answer (what the tiny policy is taught to say)."""
+    return row["answer"]
+
+
+if __name__ == "__main__":  # python data.py mul 3x1  -> a few rows and the split sizes
+    import sys
+    task = sys.argv[1] if len(sys.argv) > 1 else "mul"
+    tr, ev = make_task(task, sys.argv[2] if len(sys.argv) > 2 else None)
+    print(f"{task}: {len(tr)} train, {len(ev)} eval")
+    for r in random.Random(0).sample(tr, 3):
+        print(json.dumps(r))

@@ -1,0 +1,993 @@
+"""npo.py: GRPO, Near-Future Policy Optimization (NPO) and AutoNPO for RL with verifiable rewards.
+
+One file, read top to bottom in the order data flows:
+    args -> distributed setup -> model and tokenizer -> data -> rollout engine -> rewards
+    -> advantages and loss -> training step -> evaluation -> checkpoints -> SFT warm-up
+    -> GRPO training loop -> main
+
+Run it
+    bash run.sh                                             # CPU, embedded default: SFT then GRPO
+    python npo.py --mode sft --out runs/sft                 # tiny model, synthetic 3x1 multiplication
+    python npo.py --mode grpo --model runs/sft/model --out runs/grpo
+    torchrun --nproc_per_node=2 npo.py --mode grpo --model runs/sft/model   # FSDP2 over gloo (CPU)
+    torchrun --nproc_per_node=8 npo.py --mode grpo --model Qwen/Qwen3-8B \\
+        --data train.parquet --eval_data test.parquet --lr 1e-6 --max_new_tokens 4096 \\
+        --prompts_per_step 256 --minibatch_size 512 --micro_batch_size 4 --grad_ckpt
+
+The embedded default (`--model tiny`, `--data mul`) is the same code as a real run: a ~1M-parameter
+Qwen3ForCausalLM built from a config with a character-level tokenizer, saved with save_pretrained,
+then loaded back like any hub checkpoint. Nothing is downloaded for it.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import string
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+import data as npo_data
+import verifier
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# =============================================================================================
+# Arguments
+# =============================================================================================
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--mode", default="grpo", choices=["sft", "grpo"],
+                   help="sft: supervised warm-up that makes a base policy; grpo: RL from verifiable rewards")
+    g.add_argument("--out", default="runs/npo", help="output directory (metrics.jsonl, checkpoints/, model/)")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
+    g.add_argument("--steps", type=int, default=None,
+                   help="training steps (one rollout batch each); default 300 on the embedded default, 500 otherwise")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="'tiny' (built from a config, no download), a local HF directory or a hub id")
+    g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (large models)")
+    g.add_argument("--attn", default=None,
+                   help="attention implementation; default flash_attention_2 when installed on GPU, else sdpa")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="mul",
+                   help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet file")
+    g.add_argument("--difficulty", default=None, help="synthetic task difficulty, e.g. '3x1' for mul")
+    g.add_argument("--eval_data", default=None, help="held-out file; default: a hash split of --data")
+    g.add_argument("--eval_size", type=int, default=1000, help="held-out prompts used for evaluation")
+    g.add_argument("--max_prompt_tokens", type=int, default=None,
+                   help="longer prompts are an error before training; default 128 tiny, 4096 otherwise")
+
+    g = p.add_argument_group("rollout")
+    g.add_argument("--prompts_per_step", type=int, default=None,
+                   help="prompts per step across all ranks; default 32 tiny, 256 otherwise")
+    g.add_argument("--group_size", type=int, default=8, help="G: responses sampled per prompt")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="response length cap; default 8 tiny, 4096 otherwise")
+    g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per generate() call")
+
+    g = p.add_argument_group("loss")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-5 tiny (1e-3 sft), 1e-6 otherwise")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up (optimizer steps)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--adv_std", default="group", choices=["group", "none"],
+                   help="group: (r - mean) / (std + eps) (GRPO); none: r - mean (Dr. GRPO)")
+    g.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
+    g.add_argument("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (DAPO clip-higher)")
+    g.add_argument("--loss_agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
+                   help="how per-token losses are averaged")
+    g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL to the frozen initial policy (0: off, no reference model)")
+    g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--minibatch_size", type=int, default=None,
+                   help="sequences per optimizer step across all ranks; default: half a rollout batch")
+    g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank")
+
+    g = p.add_argument_group("evaluation, checkpoints, logging")
+    g.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
+    g.add_argument("--eval_samples", type=int, default=4, help="k: samples per eval prompt at the training temperature")
+    g.add_argument("--save_every", type=int, default=100, help="full training-state checkpoint every N steps (0: off)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
+    g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    g.add_argument("--no_save_model", action="store_true", help="skip the final save_pretrained (tests)")
+    g.add_argument("--quiet", action="store_true", help="no per-step lines")
+
+    g = p.add_argument_group("sft warm-up")
+    g.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; default 600")
+    g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step across ranks")
+    args = p.parse_args(argv)
+    return resolve_defaults(args)
+
+
+def is_embedded(model):
+    """The embedded tiny model, freshly built or saved by an earlier run (its config is marked)."""
+    if model == "tiny":
+        return True
+    cfg = os.path.join(model, "config.json")
+    return os.path.isfile(cfg) and json.load(open(cfg)).get("npo_embedded", False)
+
+
+def resolve_defaults(args):
+    """Fill size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise.
+    Everything else has one default for every model."""
+    tiny = is_embedded(args.model)
+    pick = lambda small, real: small if tiny else real  # noqa: E731
+    if args.lr is None:
+        args.lr = (1e-3 if args.mode == "sft" else 3e-5) if tiny else 1e-6
+    args.steps = args.steps or pick(300, 500)
+    args.max_new_tokens = args.max_new_tokens or pick(8, 4096)
+    args.max_prompt_tokens = args.max_prompt_tokens or pick(128, 4096)
+    args.prompts_per_step = args.prompts_per_step or pick(32, 256)
+    args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
+    args.sft_steps = args.sft_steps or 600
+    return args
+
+
+# =============================================================================================
+# Distributed setup: always a process group (world size 1 for a plain `python npo.py`), so a
+# single process runs exactly the FSDP2 code that torchrun runs.
+# =============================================================================================
+def setup_distributed():
+    """Returns (rank, world_size, device). nccl on GPU, gloo on CPU."""
+    if "RANK" not in os.environ:  # plain `python npo.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def log0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+# =============================================================================================
+# Model and tokenizer
+# =============================================================================================
+CHAT_TEMPLATE = (  # Qwen-style ChatML
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny(path, seed=0):
+    """The embedded default: a ~1M-parameter Qwen3ForCausalLM from a config and a character-level
+    tokenizer built in memory, saved with save_pretrained so that from_pretrained (and vLLM) load
+    it like any checkpoint. Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.add_tokens(["user", "assistant", "system"])  # one token each, as in a real BPE vocabulary
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Qwen3Config(
+        vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=False, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
+        bos_token_id=None, rope_theta=10000.0)
+    config.npo_embedded = True
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def model_path(args):
+    """Resolve --model to something from_pretrained can load (building the tiny model once)."""
+    if args.model != "tiny":
+        return args.model
+    path = os.path.join(args.out, "tiny_init")
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        build_tiny(path, seed=args.seed)
+    dist.barrier()
+    return path
+
+
+def attn_implementation(args, device):
+    if args.attn:
+        return args.attn
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401  optional GPU package
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path, args, device):
+    """The trainable policy: fp32 master weights, FSDP2-sharded (one unit per decoder layer, then
+    the root), bf16 compute on GPU."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(args, device)).to(device)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def full_state_dict(model):
+    """Unsharded weights with HF names, on every rank (every rank must call this: it gathers)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+
+
+def save_hf_model(model, tokenizer, path):
+    """save_pretrained of the current policy (rank 0 writes; all ranks gather)."""
+    sd = full_state_dict(model)
+    if dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in sd.items()})
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# =============================================================================================
+# Data: rows -> chat-formatted prompt token ids, and the data order (a pure function of step)
+# =============================================================================================
+def encode_prompts(tokenizer, rows, max_prompt_tokens, where):
+    """Token ids of each row's chat prompt (with the assistant header). A prompt over the limit is
+    an error naming the row: truncating a prompt silently changes the task."""
+    out = []
+    for i, row in enumerate(rows):
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            raise npo_data.DataError(f"{where} row {i + 1}: prompt has {len(ids)} tokens, "
+                                     f"over --max_prompt_tokens {max_prompt_tokens}")
+        out.append(ids)
+    return out
+
+
+def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
+    """Row indices this rank trains on at `step`: epochs of seeded permutations, cut into global
+    batches, each split evenly over ranks. A pure function of step, so the data position of a
+    checkpoint (or a ring-buffer snapshot) is just its step."""
+    start = step * prompts_per_step
+    idx = []
+    while len(idx) < prompts_per_step:
+        epoch, offset = divmod(start + len(idx), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx.extend(perm[offset:offset + prompts_per_step - len(idx)].tolist())
+    per_rank = prompts_per_step // world
+    return idx[rank * per_rank:(rank + 1) * per_rank]
+
+
+# =============================================================================================
+# Rollout engine. An engine holds a full (unsharded) copy of the policy for generation and is
+# refreshed by sync_weights() after every optimizer step. HF generate is the engine here; the vLLM
+# engine slots in behind the same three functions.
+# =============================================================================================
+def make_engine(path, args, device):
+    from transformers import AutoModelForCausalLM
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation(args, device)).to(device).eval()
+    return {"kind": "hf", "model": model}
+
+
+@torch.no_grad()
+def sync_weights(engine, state_dict):
+    """Push the trainer's full weights (HF names) into the engine."""
+    engine["model"].load_state_dict(state_dict)
+
+
+@torch.no_grad()
+def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size=512):
+    """Sample n responses for each prompt (lists of token ids).
+
+    Returns a flat list, prompt-major (prompt i, sample j at i*n + j), of
+    (response_ids, sampling_logps): the per-token log-probs are log softmax(logits / T) of the
+    sampled tokens, the behaviour log-probs that importance ratios are taken against.
+    temperature 0 means greedy (log-probs then at T = 1)."""
+    from transformers import GenerationConfig
+    model = engine["model"]
+    device = next(model.parameters()).device
+    greedy = temperature == 0
+    cfg = GenerationConfig(
+        do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
+        top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_id,
+        pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
+    out = []
+    per_call = max(1, batch_size // n)
+    for s in range(0, len(prompts), per_call):
+        chunk = prompts[s:s + per_call]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        new = res.sequences[:, width:].cpu()                               # [len(chunk)*n, R]
+        logits = torch.stack(res.logits, dim=1).float()                    # [len(chunk)*n, R, V]
+        logps = token_logprobs(logits / (1.0 if greedy else temperature), new.to(logits.device)).cpu()
+        for k in range(new.shape[0]):
+            toks = new[k].tolist()
+            length = toks.index(eos_id) + 1 if eos_id in toks else len(toks)
+            out.append((toks[:length], logps[k, :length].tolist()))
+    return out
+
+
+# =============================================================================================
+# Rewards
+# =============================================================================================
+def score_responses(tokenizer, rows, samples, n):
+    """Verifier reward of each sample; samples are prompt-major, n per row."""
+    texts = tokenizer.batch_decode([ids for ids, _ in samples], skip_special_tokens=True)
+    return [verifier.reward(t, rows[k // n]) for k, t in enumerate(texts)]
+
+
+# =============================================================================================
+# Advantages and loss: pure functions on tensors, each tested against an independent reference
+# =============================================================================================
+def grpo_advantages(rewards, scale="group", eps=1e-6):
+    """GRPO advantages. rewards: [B, G] (one row per prompt group) -> [B, G].
+    group: (r - mean_g) / (std_g + eps), std unbiased as in the GRPO paper's code;
+    none:  r - mean_g (Dr. GRPO, no length or difficulty re-weighting).
+    A group whose rewards are all equal carries no signal: its advantages are exactly 0."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    adv = rewards - mean
+    if scale == "group":
+        adv = adv / (rewards.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return adv
+
+
+def zero_signal_groups(rewards):
+    """[B] bool: groups whose rewards are all equal (all right or all wrong)."""
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
+def token_logprobs(logits, tokens):
+    """log p(token) under logits. logits: [N, T, V], tokens: [N, T] -> [N, T].
+    gather - logsumexp: no [N, T, V] log-softmax tensor is kept."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_entropy(logits):
+    """Entropy of softmax(logits) per position. [N, T, V] -> [N, T]."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def aggregate(per_token, mask, mode="token-mean", denom=None):
+    """Average a per-token quantity over the tokens in `mask` ([N, T] each).
+
+    token-mean:          sum over all tokens / number of tokens
+    seq-mean-token-mean: mean over sequences of each sequence's token mean
+    `denom` overrides the number of tokens (or sequences) in the denominator: pass the count over
+    the whole minibatch (all micro-batches, all ranks / world size) so that gradient accumulation
+    and FSDP's gradient averaging give exactly the global mean. An empty mask gives 0, never NaN,
+    and `where` (not multiplication) keeps NaN/inf at padded positions out of the result."""
+    mask = mask.bool()
+    x = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    if mode == "token-mean":
+        total = mask.sum() if denom is None else denom
+        return x.sum() / max(float(total), 1.0)
+    if mode == "seq-mean-token-mean":
+        n_tok = mask.sum(dim=1)
+        seq_mean = x.sum(dim=1) / n_tok.clamp(min=1)
+        total = (n_tok > 0).sum() if denom is None else denom
+        return seq_mean.sum() / max(float(total), 1.0)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def kl_k3(logp, ref_logp):
+    """k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, agg="token-mean",
+                denom=None, guide_mask=None, guide_logp=None, guide_ratio="clip", is_weight=None):
+    """Clipped surrogate on a mixed on-policy / guide batch. Returns (loss, stats).
+
+    logp:       [N, T] log pi_theta of the taken tokens (with grad)
+    old_logp:   [N, T] log pi_old recomputed by the trainer before the update
+    advantages: [N] sequence advantage, broadcast over tokens
+    mask:       [N, T] tokens that count (response tokens of sequences that carry signal)
+    guide_mask: [N, T] tokens written by the guide (NPO); None = all on-policy
+    guide_logp: [N, T] the guide's sampling log-probs of its tokens
+    guide_ratio (how guide tokens are weighted):
+        clip:  ratio pi_theta / pi_guide, PPO-clipped like on-policy tokens (npo default)
+        none:  ratio pi_theta / pi_old recomputed by the current policy (RLEP)
+        shape: LUFFY's f(pi_theta) = p / (p + 0.1) in place of the ratio, unclipped
+    is_weight:  [N, T] optional detached per-token weight on on-policy tokens (truncated importance
+                sampling for a train/inference mismatch)
+    Per token: -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A); see aggregate() for the mean."""
+    if guide_mask is None:
+        guide_mask = torch.zeros_like(mask)
+    guide = guide_mask.bool() & mask.bool()
+    on = mask.bool() & ~guide
+    adv = advantages.unsqueeze(-1).to(logp.dtype)                                    # [N, 1]
+    anchor = torch.where(guide, guide_logp, old_logp) if guide_ratio == "clip" and guide_logp is not None \
+        else old_logp
+    ratio = torch.exp(logp - anchor)                                                 # [N, T]
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    if guide_ratio == "shape":
+        p = torch.exp(logp)
+        per_token = torch.where(guide, -(p / (p + 0.1)) * adv, per_token)
+    if is_weight is not None:
+        per_token = torch.where(on, per_token * is_weight, per_token)
+    loss = aggregate(per_token, mask, agg, denom)
+
+    with torch.no_grad():  # diagnostics, split by token source
+        hit = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
+        stats = {}
+        for name, part in (("on", on), ("guide", guide)):
+            n = part.sum().item()
+            stats[f"{name}_tokens"] = n
+            stats[f"{name}_clipfrac_sum"] = (hit & part).sum().item()
+            stats[f"{name}_ratio_sum"] = torch.where(part, ratio, 0).sum().item()
+            stats[f"{name}_ratio_max"] = torch.where(part, ratio, -math.inf).max().item() if n else -math.inf
+            stats[f"{name}_ratio_min"] = torch.where(part, ratio, math.inf).min().item() if n else math.inf
+    return loss, stats
+
+
+# =============================================================================================
+# Training step: rollout batch -> tensors -> old log-probs -> minibatch PPO updates
+# =============================================================================================
+def make_batch(prompts, samples, n, pad_id):
+    """Pack prompt-major samples (n per prompt) into padded tensors.
+
+    input_ids      [N, P+R] prompt left-padded to P, response right-padded to R
+    attention_mask [N, P+R]
+    position_ids   [N, P+R] counted from each sequence's first real token (as generate does)
+    resp_mask      [N, R]   1 on response tokens (the EOS included)
+    behav_logp     [N, R]   sampling log-probs of the response tokens
+    """
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(ids) for ids, _ in samples))
+    N = len(samples)
+    input_ids = torch.full((N, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, P + R), dtype=torch.long)
+    resp_mask = torch.zeros((N, R))
+    behav = torch.zeros((N, R))
+    for k, (ids, lps) in enumerate(samples):
+        p = prompts[k // n]
+        input_ids[k, P - len(p):P] = torch.tensor(p)
+        attn[k, P - len(p):P + len(ids)] = 1
+        if ids:
+            input_ids[k, P:P + len(ids)] = torch.tensor(ids)
+            resp_mask[k, :len(ids)] = 1
+            behav[k, :len(ids)] = torch.tensor(lps)
+    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos,
+            "resp_mask": resp_mask, "behav_logp": behav, "prompt_len": P}
+
+
+def forward_logprobs(model, batch, idx, temperature, device, entropy=False):
+    """Log-probs (and optionally entropies) of the response tokens of the sequences `idx`.
+    Returns [n, R] tensors; logits at temperature T, as the sampler used them."""
+    P = batch["prompt_len"]
+    ids = batch["input_ids"][idx].to(device)
+    out = model(input_ids=ids, attention_mask=batch["attention_mask"][idx].to(device),
+                position_ids=batch["position_ids"][idx].to(device), use_cache=False)
+    logits = out.logits[:, P - 1:-1].float() / temperature                         # [n, R, V]
+    logp = token_logprobs(logits, ids[:, P:])
+    ent = token_entropy(logits.detach()) if entropy else None
+    return logp, ent
+
+
+@torch.no_grad()
+def recompute_logprobs(model, batch, temperature, micro_batch_size, device, entropy=True):
+    """Old log-probs (and entropy) of the whole batch under the current weights, in micro-batches."""
+    N = batch["input_ids"].shape[0]
+    logps, ents = [], []
+    for s in range(0, N, micro_batch_size):
+        lp, en = forward_logprobs(model, batch, torch.arange(s, min(N, s + micro_batch_size)),
+                                  temperature, device, entropy)
+        logps.append(lp.cpu())
+        ents.append(en.cpu() if entropy else None)
+    return torch.cat(logps), (torch.cat(ents) if entropy else None)
+
+
+def ppo_update(model, optim, sched, batch, args, device, gen):
+    """PPO epochs over minibatches of `batch` (which carries old_logp, advantages, loss_mask and,
+    for NPO, guide_mask / guide_logp). Returns summed diagnostics for logging."""
+    world = dist.get_world_size()
+    N = batch["input_ids"].shape[0]
+    mb = max(1, args.minibatch_size // world)
+    stats, n_opt = {}, 0
+    for _ in range(args.ppo_epochs):
+        perm = torch.randperm(N, generator=gen)
+        for s in range(0, N, mb):
+            idx = perm[s:s + mb]
+            # the global token (or sequence) count of this minibatch, / world for FSDP's averaging
+            m = batch["loss_mask"][idx]
+            count = m.sum() if args.loss_agg == "token-mean" else (m.sum(1) > 0).sum()
+            denom = all_reduce_sum([float(count)], device)[0] / world
+            for u in range(0, len(idx), args.micro_batch_size):
+                j = idx[u:u + args.micro_batch_size]
+                logp, _ = forward_logprobs(model, batch, j, args.temperature, device)
+                take = lambda key: batch[key][j].to(device) if batch.get(key) is not None else None  # noqa: E731
+                loss, st = policy_loss(
+                    logp, take("old_logp"), take("advantages"), take("loss_mask"), args.clip_low,
+                    args.clip_high, args.loss_agg, denom, take("guide_mask"), take("guide_logp"),
+                    getattr(args, "guide_ratio", "clip"), take("is_weight"))
+                if args.kl_coef > 0:
+                    kl = aggregate(kl_k3(logp, take("ref_logp")), take("loss_mask"), args.loss_agg, denom)
+                    loss = loss + args.kl_coef * kl
+                    st["kl_sum"] = kl.item()
+                loss.backward()
+                st["loss_sum"] = loss.item()
+                for k, v in st.items():
+                    if k.endswith("_max"):
+                        stats[k] = max(stats.get(k, -math.inf), v)
+                    elif k.endswith("_min"):
+                        stats[k] = min(stats.get(k, math.inf), v)
+                    else:
+                        stats[k] = stats.get(k, 0.0) + v
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            stats["grad_norm_sum"] = stats.get("grad_norm_sum", 0.0) + float(grad_norm)
+            optim.step()
+            sched.step()
+            optim.zero_grad(set_to_none=True)
+            n_opt += 1
+    stats["optimizer_steps"] = n_opt
+    return stats
+
+
+# =============================================================================================
+# Evaluation: greedy pass@1 and mean accuracy of k samples at the training temperature
+# =============================================================================================
+def evaluate(engine, tokenizer, rows, prompts, args):
+    """Held-out accuracy over all ranks (each rank takes every world-th prompt)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(rows), world))
+    my_rows, my_prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = generate(engine, my_prompts, 1, 0.0, 1.0, args.max_new_tokens, eos, pad, args.gen_batch_size)
+    g = sum(score_responses(tokenizer, my_rows, greedy, 1))
+    k = args.eval_samples
+    s = 0.0
+    if k > 0:
+        sampled = generate(engine, my_prompts, k, args.temperature, args.top_p, args.max_new_tokens,
+                           eos, pad, args.gen_batch_size)
+        s = sum(score_responses(tokenizer, my_rows, sampled, k))
+    g, s, n = all_reduce_sum([g, s, len(mine)], device_of(engine))
+    return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n)}
+
+
+def device_of(engine):
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+# =============================================================================================
+# Checkpoints. A snapshot is everything needed to continue training from a step: this rank's
+# model and optimizer shards, the scheduler, RNG states and the step (the data position is a pure
+# function of it). On disk it is written atomically: a temp directory, then one rename.
+# =============================================================================================
+def _host_copy(x):
+    """Detached CPU copy of a tensor (a DTensor's local shard), recursing into containers."""
+    if isinstance(x, DTensor):
+        return x.to_local().detach().to("cpu", copy=True)
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_host_copy(v) for v in x)
+    return x
+
+
+def _like(t, ref):
+    """A saved local shard back on ref's device (as a DTensor with ref's layout when ref is one)."""
+    if isinstance(ref, DTensor):
+        return DTensor.from_local(t.to(ref.device), ref.device_mesh, ref.placements,
+                                  run_check=False, shape=ref.shape, stride=ref.stride())
+    return t.to(ref.device)
+
+
+def take_snapshot(model, optim, sched, step, extra=None):
+    """Host-memory snapshot of this rank's training state (bit-exact copies)."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return {"step": step, "model": _host_copy(model.state_dict()), "optim": _host_copy(optim.state_dict()),
+            "sched": sched.state_dict(), "rng": rng, "extra": extra or {}}
+
+
+@torch.no_grad()
+def restore_snapshot(snap, model, optim, sched, rng=True):
+    """Load a snapshot back into live objects; returns its step."""
+    params = dict(model.state_dict())
+    for name, saved in snap["model"].items():
+        params[name].copy_(_like(saved, params[name]))
+    osd = snap["optim"]
+    order = [p for g in optim.param_groups for p in g["params"]]
+    state = {}
+    for i, st in osd["state"].items():
+        p = order[int(i)]
+        state[i] = {k: (_like(v, p) if isinstance(v, torch.Tensor) and k != "step" else v)
+                    for k, v in st.items()}
+    optim.load_state_dict({"state": state, "param_groups": osd["param_groups"]})
+    sched.load_state_dict(snap["sched"])
+    if rng:
+        torch.set_rng_state(snap["rng"]["torch"])
+        random.setstate(snap["rng"]["python"])
+        if torch.cuda.is_available() and "cuda" in snap["rng"]:
+            torch.cuda.set_rng_state(snap["rng"]["cuda"])
+    return snap["step"]
+
+
+def save_checkpoint(out, snap, keep):
+    """checkpoints/step_XXXXXX/rank{r}.pt + meta.json, complete or absent (tmp dir + rename)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = os.path.join(out, "checkpoints")
+    final = os.path.join(root, f"step_{snap['step']:06d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    torch.save(snap, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": snap["step"], "world_size": world}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in done[:-keep]:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    dist.barrier()
+
+
+def latest_checkpoint(out):
+    """Newest complete checkpoint directory (one with meta.json), or None."""
+    root = os.path.join(out, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(root, d, "meta.json")))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def load_checkpoint(path):
+    """This rank's snapshot from a checkpoint directory (weights_only: tensors and plain types)."""
+    meta = json.load(open(os.path.join(path, "meta.json")))
+    if meta["world_size"] != dist.get_world_size():
+        raise SystemExit(f"error: {path} was written by {meta['world_size']} ranks; resume with the "
+                         f"same --nproc_per_node (this run has {dist.get_world_size()})")
+    return torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
+
+
+# =============================================================================================
+# Metrics
+# =============================================================================================
+def open_metrics(out, resume_step):
+    """metrics.jsonl, truncated to the steps before `resume_step` on resume (rank 0 only)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if dist.get_rank() != 0:
+        return None
+    lines = []
+    if resume_step is not None and os.path.exists(path):
+        lines = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+    f = open(path, "w")
+    f.writelines(lines)
+    f.flush()
+    return f
+
+
+def write_metrics(f, rec):
+    if f is not None:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
+# =============================================================================================
+# Setup shared by both modes
+# =============================================================================================
+def setup(args):
+    rank, world, device = setup_distributed()
+    if args.prompts_per_step % world or args.minibatch_size % world:
+        raise SystemExit(f"error: --prompts_per_step ({args.prompts_per_step}) and --minibatch_size "
+                         f"({args.minibatch_size}) must be multiples of the number of ranks ({world})")
+    torch.manual_seed(args.seed * 1000 + rank)
+    random.seed(args.seed * 1000 + rank)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    dist.barrier()
+    path = model_path(args)
+    tokenizer = load_tokenizer(path)
+    try:
+        train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
+        train_prompts = encode_prompts(tokenizer, train_rows, args.max_prompt_tokens, args.data)
+        eval_prompts = encode_prompts(tokenizer, eval_rows, args.max_prompt_tokens, args.eval_data or args.data)
+    except npo_data.DataError as e:
+        raise SystemExit(f"data error: {e}") from None
+    model = load_policy(path, args, device)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    engine = make_engine(path, args, device)
+    log0(f"npo | mode {args.mode} | model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+         f"params) | data {args.data}: {len(train_rows)} train, {len(eval_rows)} eval | "
+         f"{world} rank(s) on {device.type}")
+    return dict(rank=rank, world=world, device=device, path=path, tokenizer=tokenizer, model=model,
+                optim=optim, sched=sched, engine=engine, train_rows=train_rows, eval_rows=eval_rows,
+                train_prompts=train_prompts, eval_prompts=eval_prompts)
+
+
+def resume_if_asked(args, S, gen=None):
+    """Restore the newest checkpoint when --resume; returns the step to start from."""
+    if not args.resume:
+        return 0
+    ckpt = latest_checkpoint(args.out)
+    if ckpt is None:
+        log0("resume: no complete checkpoint, starting from step 0")
+        return 0
+    snap = load_checkpoint(ckpt)
+    step = restore_snapshot(snap, S["model"], S["optim"], S["sched"])
+    if gen is not None:
+        gen.set_state(snap["extra"]["shuffle_rng"])
+    log0(f"resume: continuing from {ckpt} (step {step})")
+    return step
+
+
+def finish(args, S, summary):
+    if not args.no_save_model:
+        save_hf_model(S["model"], S["tokenizer"], os.path.join(args.out, "model"))
+    if dist.get_rank() == 0:
+        with open(os.path.join(args.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    log0("summary: " + json.dumps(summary))
+
+
+# =============================================================================================
+# SFT warm-up: teach the base policy the answer format (and a little of the task) so that RL
+# starts from a policy that sometimes succeeds, like a real instruct model.
+# =============================================================================================
+def sft_batch(tokenizer, rows, prompts, idx):
+    resp = [tokenizer(npo_data.sft_response(rows[i]), add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id] for i in idx]
+    return make_batch([prompts[i] for i in idx], [(r, [0.0] * len(r)) for r in resp], 1,
+                      tokenizer.pad_token_id)
+
+
+def run_sft(args):
+    S = setup(args)
+    model, optim, sched, tok = S["model"], S["optim"], S["sched"], S["tokenizer"]
+    start = resume_if_asked(args, S)
+    metrics = open_metrics(args.out, start if args.resume else None)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sync_weights(S["engine"], full_state_dict(model))
+    base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+    log0(f"sft | start | eval greedy {base['eval_greedy']:.3f}")
+    t0 = time.time()
+    for step in range(start, args.sft_steps):
+        idx = prompts_for_step(step, len(S["train_rows"]), args.sft_batch_size, args.seed, rank, world)
+        batch = sft_batch(tok, S["train_rows"], S["train_prompts"], idx)
+        all_idx = torch.arange(len(idx))
+        logp, _ = forward_logprobs(model, batch, all_idx, 1.0, S["device"])
+        denom = all_reduce_sum([float(batch["resp_mask"].sum())], S["device"])[0] / world
+        loss = aggregate(-logp, batch["resp_mask"].to(S["device"]), "token-mean", denom)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        rec = {"step": step + 1, "sft_loss": all_reduce_sum([loss.item()], S["device"])[0] / world}
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
+            sync_weights(S["engine"], full_state_dict(model))
+            rec.update(evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args))
+            log0(f"sft | step {step + 1}/{args.sft_steps} | loss {rec['sft_loss']:.3f} | "
+                 f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
+        write_metrics(metrics, rec)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.out, take_snapshot(model, optim, sched, step + 1), args.keep_checkpoints)
+    sync_weights(S["engine"], full_state_dict(model))
+    final = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+    finish(args, S, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
+                     "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
+
+
+# =============================================================================================
+# GRPO training loop
+# =============================================================================================
+def rollout(S, args, step):
+    """Sample G responses for this rank's prompts of `step`, score them, build the training batch."""
+    tok, G = S["tokenizer"], args.group_size
+    idx = prompts_for_step(step, len(S["train_rows"]), args.prompts_per_step, args.seed,
+                           dist.get_rank(), dist.get_world_size())
+    rows, prompts = [S["train_rows"][i] for i in idx], [S["train_prompts"][i] for i in idx]
+    t = time.time()
+    samples = generate(S["engine"], prompts, G, args.temperature, args.top_p, args.max_new_tokens,
+                       tok.eos_token_id, tok.pad_token_id, args.gen_batch_size)
+    t_gen = time.time() - t
+    t = time.time()
+    rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
+    t_score = time.time() - t
+    batch = make_batch(prompts, samples, G, tok.pad_token_id)
+    batch["rewards"] = rewards
+    batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
+    zero = zero_signal_groups(rewards)                                                  # [B]
+    # groups without signal are counted and left out of the loss (their advantage is 0 anyway)
+    batch["loss_mask"] = batch["resp_mask"] * (~zero).repeat_interleave(G).float().unsqueeze(1)
+    return batch, {"generate_s": t_gen, "score_s": t_score, "zero_signal": zero.float().sum().item(),
+                   "all_wrong": (rewards.max(dim=1).values <= 0).float().sum().item(),
+                   "groups": len(rows)}
+
+
+def train_step(S, args, batch, gen):
+    """Old log-probs, then PPO epochs; returns the step's diagnostics."""
+    t = time.time()
+    old, ent = recompute_logprobs(S["model"], batch, args.temperature, args.micro_batch_size, S["device"])
+    batch["old_logp"] = old
+    if args.kl_coef > 0:
+        batch["ref_logp"], _ = recompute_logprobs(S["ref"], batch, args.temperature,
+                                                  args.micro_batch_size, S["device"], entropy=False)
+    stats = ppo_update(S["model"], S["optim"], S["sched"], batch, args, S["device"], gen)
+    stats["entropy_sum"] = float((ent * batch["resp_mask"]).sum())
+    stats["resp_tokens"] = float(batch["resp_mask"].sum())
+    stats["train_s"] = time.time() - t
+    return stats
+
+
+def step_metrics(step, batch, roll, stats, args):
+    """Reduce one step's numbers over ranks into the metrics.jsonl record."""
+    r = batch["rewards"]
+    keys = ["reward_sum", "correct_sum", "n_seq", "zero_signal", "all_wrong", "groups", "entropy_sum",
+            "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
+            "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum"]
+    local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
+             **roll, **stats}
+    tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], device_of(None))))
+    world, n_opt = dist.get_world_size(), max(1, stats["optimizer_steps"])
+    rec = {
+        "step": step + 1,
+        "reward": tot["reward_sum"] / tot["n_seq"],
+        "accuracy": tot["correct_sum"] / tot["n_seq"],
+        "entropy": tot["entropy_sum"] / max(tot["resp_tokens"], 1),
+        "response_len": tot["resp_tokens"] / tot["n_seq"],
+        "zero_signal_share": tot["zero_signal"] / tot["groups"],
+        "all_wrong_share": tot["all_wrong"] / tot["groups"],
+        "clipfrac_on": tot["on_clipfrac_sum"] / max(tot["on_tokens"], 1),
+        "ratio_mean_on": tot["on_ratio_sum"] / max(tot["on_tokens"], 1),
+        "ratio_max_on": stats.get("on_ratio_max"),
+        "ratio_min_on": stats.get("on_ratio_min"),
+        "loss": tot["loss_sum"] / (world * n_opt),
+        "grad_norm": tot["grad_norm_sum"] / (world * n_opt),
+        "lr": args.lr,
+        "generate_s": roll["generate_s"], "score_s": roll["score_s"], "train_s": stats["train_s"],
+    }
+    if tot["guide_tokens"]:
+        rec.update(clipfrac_guide=tot["guide_clipfrac_sum"] / tot["guide_tokens"],
+                   ratio_mean_guide=tot["guide_ratio_sum"] / tot["guide_tokens"])
+    if args.kl_coef > 0:
+        rec["kl"] = tot["kl_sum"] / (world * n_opt)
+    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in rec.items()}
+
+
+def run_grpo(args):
+    S = setup(args)
+    tok = S["tokenizer"]
+    if args.kl_coef > 0:
+        S["ref"] = load_policy(S["path"], args, S["device"]).eval()
+    gen = torch.Generator().manual_seed(args.seed * 7919 + dist.get_rank())  # minibatch shuffles
+    start = resume_if_asked(args, S, gen)
+    metrics = open_metrics(args.out, start if args.resume else None)
+    sync_weights(S["engine"], full_state_dict(S["model"]))
+    base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+    log0(f"grpo | step {start} | eval greedy {base['eval_greedy']:.3f} | "
+         f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
+    if start == 0:
+        write_metrics(metrics, {"step": 0, **base})
+    t0, last_eval = time.time(), base
+    for step in range(start, args.steps):
+        # ---- Generate episodes -------------------------------------------------------------
+        batch, roll = rollout(S, args, step)
+        # ---- Training ---------------------------------------------------------------------
+        stats = train_step(S, args, batch, gen)
+        # ---- Update the inference engine's weights ----------------------------------------
+        t = time.time()
+        sync_weights(S["engine"], full_state_dict(S["model"]))
+        sync_s = time.time() - t
+        # ---- Log metrics -----------------------------------------------------------------
+        rec = step_metrics(step, batch, roll, stats, args)
+        rec["sync_s"] = sync_s
+        rec["wall_s"] = time.time() - t0
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            t = time.time()
+            last_eval = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+            rec.update(last_eval, eval_s=time.time() - t)
+        write_metrics(metrics, rec)
+        if not args.quiet:
+            ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
+            log0(f"grpo | step {step + 1}/{args.steps} | reward {rec['reward']:.3f} | "
+                 f"zero-signal {rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | "
+                 f"clip {rec['clipfrac_on']:.3f} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
+                 f"train {rec['train_s']:.2f}s sync {sync_s:.3f}s{ev}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step + 1,
+                                                    {"shuffle_rng": gen.get_state()}), args.keep_checkpoints)
+    k = args.eval_samples
+    summary = {"mode": "grpo", "steps": args.steps,
+               "eval_greedy_start": base["eval_greedy"], "eval_greedy_end": last_eval["eval_greedy"],
+               f"eval_mean@{k}_start": base[f"eval_mean@{k}"], f"eval_mean@{k}_end": last_eval[f"eval_mean@{k}"],
+               "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}
+    finish(args, S, summary)
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run_sft(args) if args.mode == "sft" else run_grpo(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
