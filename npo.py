@@ -146,13 +146,7 @@ def resolve_defaults(args):
 # =============================================================================================
 def setup_distributed():
     """Returns (rank, world_size, device). nccl on GPU, gloo on CPU."""
-    if "RANK" not in os.environ:  # plain `python npo.py`: a world of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -161,7 +155,15 @@ def setup_distributed():
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        if "RANK" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # plain `python npo.py`: a world of one (no environment variables left behind)
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -204,7 +206,7 @@ def build_tiny(path, seed=0):
                                         pad_token="<|endoftext|>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     config = Qwen3Config(
-        vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
         tie_word_embeddings=False, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
         bos_token_id=None, rope_theta=10000.0)
@@ -789,6 +791,7 @@ def resume_if_asked(args, S, gen=None):
     step = restore_snapshot(snap, S["model"], S["optim"], S["sched"])
     if gen is not None:
         gen.set_state(snap["extra"]["shuffle_rng"])
+    S["resumed"] = snap["extra"]
     log0(f"resume: continuing from {ckpt} (step {step})")
     return step
 
@@ -936,11 +939,13 @@ def run_grpo(args):
     start = resume_if_asked(args, S, gen)
     metrics = open_metrics(args.out, start if args.resume else None)
     sync_weights(S["engine"], full_state_dict(S["model"]))
-    base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
-    log0(f"grpo | step {start} | eval greedy {base['eval_greedy']:.3f} | "
-         f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     if start == 0:
+        base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
         write_metrics(metrics, {"step": 0, **base})
+    else:  # evaluating again would draw from the restored RNG and change the next steps
+        base = S["resumed"]["base_eval"]
+    log0(f"grpo | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
+         f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     t0, last_eval = time.time(), base
     for step in range(start, args.steps):
         # ---- Generate episodes -------------------------------------------------------------
@@ -968,7 +973,8 @@ def run_grpo(args):
                  f"train {rec['train_s']:.2f}s sync {sync_s:.3f}s{ev}")
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step + 1,
-                                                    {"shuffle_rng": gen.get_state()}), args.keep_checkpoints)
+                                                    {"shuffle_rng": gen.get_state(), "base_eval": base}),
+                            args.keep_checkpoints)
     k = args.eval_samples
     summary = {"mode": "grpo", "steps": args.steps,
                "eval_greedy_start": base["eval_greedy"], "eval_greedy_end": last_eval["eval_greedy"],

@@ -219,6 +219,9 @@ def score(response, ground_truth):
     g, p = _as_number(gold), _as_number(pred)
     if g is not None and p is not None and tail.count("\\boxed") <= 1:  # fast path, exact
         return float(g == p)
+    if g is not None and not has_latex:  # plain-number gold, plain-text reply: its last number decides
+        numbers = re.findall(_NUMBER, pred or "")
+        return float(bool(numbers) and _as_number(numbers[-1]) == g)
     gold_text = gt.strip() if _LATEX.search(gt) and not re.search(r"####|(?:^|\n)\s*A:", gt) else gold
     pred_text = tail if has_latex or pred is None else pred
     return float(_math_verify(_for_math_verify(gold_text), _for_math_verify(pred_text[-2000:])))

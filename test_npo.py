@@ -1,0 +1,510 @@
+"""Tests: every numeric function against an independent reference, the verifier on real labelled
+data and hostile input, the data loaders on real and broken files, and end-to-end runs (single
+process and torchrun, resume). Run: .venv/bin/python -m pytest -q test_npo.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data as npo_data
+import npo
+import verifier
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data")
+PY = sys.executable
+
+
+def shared(name):
+    path = os.path.join(SHARED, name)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present (../shared is only beside the developers' checkout)")
+    return path
+
+
+# =============================================================================================
+# Advantages, log-probs, aggregation, KL, loss: against float64 loops and closed forms
+# =============================================================================================
+def test_grpo_advantages_match_loop():
+    g = torch.Generator().manual_seed(0)
+    r = (torch.rand(6, 5, generator=g) > 0.5).double()
+    r[0] = 1.0  # a zero-signal group
+    r[1, :] = torch.tensor([0.0, 0.2, 0.9, 0.4, 1.0])
+    for scale in ("group", "none"):
+        adv = npo.grpo_advantages(r.float(), scale)
+        for i in range(r.shape[0]):
+            row = [float(x) for x in r[i]]
+            mean = sum(row) / len(row)
+            std = math.sqrt(sum((x - mean) ** 2 for x in row) / (len(row) - 1))
+            for j, x in enumerate(row):
+                want = (x - mean) / (std + 1e-6) if scale == "group" else x - mean
+                assert abs(adv[i, j].item() - want) < 1e-5
+    assert npo.zero_signal_groups(r).tolist()[0] is True
+    assert (npo.grpo_advantages(r, "group")[0] == 0).all()
+
+
+def test_token_logprobs_and_entropy_match_reference():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 7, generator=g, dtype=torch.float64) * 3
+    tokens = torch.randint(0, 7, (3, 4), generator=g)
+    lp = npo.token_logprobs(logits, tokens)
+    ent = npo.token_entropy(logits)
+    for i in range(3):
+        for t in range(4):
+            z = [math.exp(x) for x in logits[i, t].tolist()]
+            s = sum(z)
+            p = [x / s for x in z]
+            assert abs(lp[i, t].item() - math.log(p[tokens[i, t]])) < 1e-10
+            assert abs(ent[i, t].item() + sum(q * math.log(q) for q in p)) < 1e-10
+
+
+def test_aggregate_modes_match_loop_and_empty_masks():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), float("inf")], [5.0, 6.0, 7.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    # token-mean: (1 + 2 + 4) / 3; seq-mean-token-mean: ((1 + 2) / 2 + 4) / 2 (empty row skipped)
+    assert npo.aggregate(x, m, "token-mean").item() == pytest.approx(7 / 3)
+    assert npo.aggregate(x, m, "seq-mean-token-mean").item() == pytest.approx((1.5 + 4) / 2)
+    assert npo.aggregate(x, m, "token-mean", denom=7).item() == pytest.approx(1.0)
+    empty = torch.zeros_like(m)
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        y = torch.randn(3, 3, requires_grad=True)
+        out = npo.aggregate(y, empty, mode)
+        out.backward()
+        assert out.item() == 0.0 and torch.isfinite(y.grad).all()
+
+
+def test_kl_k3_is_exact_kl_in_expectation():
+    """Sum over the support of pi(x) * k3(x) equals KL(pi || ref) in closed form."""
+    g = torch.Generator().manual_seed(2)
+    logp = torch.log_softmax(torch.randn(9, generator=g, dtype=torch.float64), 0)
+    ref = torch.log_softmax(torch.randn(9, generator=g, dtype=torch.float64), 0)
+    k3 = npo.kl_k3(logp, ref)
+    assert (k3 >= 0).all()
+    kl = sum(math.exp(a) * (a - b) for a, b in zip(logp.tolist(), ref.tolist()))
+    assert (logp.exp() * k3).sum().item() == pytest.approx(kl, rel=1e-10)
+
+
+def _loss_loop(logp, old, adv, mask, cl, ch, agg, guide=None, glogp=None, mode="clip"):
+    """Float64 loop reference of policy_loss."""
+    N, T = len(logp), len(logp[0])
+    per, seqs = [], []
+    for i in range(N):
+        row = []
+        for t in range(T):
+            if not mask[i][t]:
+                continue
+            is_guide = guide is not None and guide[i][t]
+            a = adv[i]
+            if is_guide and mode == "shape":
+                p = math.exp(logp[i][t])
+                v = -(p / (p + 0.1)) * a
+            else:
+                anchor = glogp[i][t] if is_guide and mode == "clip" else old[i][t]
+                r = math.exp(logp[i][t] - anchor)
+                v = -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+            row.append(v)
+            per.append(v)
+        if row:
+            seqs.append(sum(row) / len(row))
+    if agg == "token-mean":
+        return sum(per) / max(len(per), 1)
+    return sum(seqs) / max(len(seqs), 1)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mode", ["clip", "none", "shape"])
+def test_policy_loss_matches_loop(agg, mode):
+    g = torch.Generator().manual_seed(3)
+    N, T = 6, 5
+    logp = -torch.rand(N, T, generator=g, dtype=torch.float64) * 2
+    old = logp + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.4  # ratios well past both clips
+    glogp = logp + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.4
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    mask = (torch.rand(N, T, generator=g) > 0.25).double()
+    mask[2] = 0
+    guide = torch.zeros(N, T, dtype=torch.float64)
+    guide[0] = 1
+    guide[4, :3] = 1
+    loss, st = npo.policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, None, guide, glogp, mode)
+    want = _loss_loop(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, agg,
+                      guide.tolist(), glogp.tolist(), mode)
+    assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert st["guide_tokens"] == (guide * mask).sum().item()
+    assert st["on_tokens"] + st["guide_tokens"] == mask.sum().item()
+
+
+def test_policy_loss_gradient_and_clipping():
+    """Clipped tokens get no gradient; unclipped ones get -A * ratio / n (d ratio / d logp = ratio)."""
+    logp = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    old = torch.log(torch.tensor([[1.0, 1 / 1.5, 1 / 0.5, 1 / 1.1]], dtype=torch.float64))
+    # ratios 1.0, 1.5 (above 1.28), 0.5 (below 0.8), 1.1
+    for a, live in ((1.0, [True, False, True, True]), (-1.0, [True, True, False, True])):
+        logp.grad = None
+        loss, st = npo.policy_loss(logp, old, torch.tensor([a], dtype=torch.float64), torch.ones(1, 4))
+        loss.backward()
+        ratio = torch.exp(-old)[0]
+        for t in range(4):
+            want = -a * ratio[t].item() / 4 if live[t] else 0.0
+            assert logp.grad[0, t].item() == pytest.approx(want, abs=1e-12)
+        assert st["on_clipfrac_sum"] == 1
+
+
+def test_policy_loss_empty_masks_give_zero_not_nan():
+    logp = torch.randn(3, 4, requires_grad=True)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        loss, st = npo.policy_loss(logp, logp.detach(), torch.ones(3), torch.zeros(3, 4), agg=agg,
+                                   guide_mask=torch.zeros(3, 4), guide_logp=torch.zeros(3, 4))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logp.grad).all()
+        assert st["guide_tokens"] == 0 and st["on_tokens"] == 0
+    # guide tokens present, but none on-policy: still finite
+    mask = torch.ones(3, 4)
+    loss, st = npo.policy_loss(logp, logp.detach(), torch.ones(3), mask, guide_mask=mask,
+                               guide_logp=logp.detach() - 1)
+    assert torch.isfinite(loss) and st["on_tokens"] == 0
+
+
+def test_make_batch_layout():
+    prompts = [[5, 6, 7], [8]]
+    samples = [([1, 2], [-0.1, -0.2]), ([3], [-0.3]), ([], []), ([4, 4, 4], [-1.0, -1.0, -1.0])]
+    b = npo.make_batch(prompts, samples, 2, pad_id=0)
+    assert b["prompt_len"] == 3 and b["input_ids"].shape == (4, 6)
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 1, 2, 0]
+    assert b["input_ids"][2].tolist() == [0, 0, 8, 0, 0, 0]
+    assert b["attention_mask"][3].tolist() == [0, 0, 1, 1, 1, 1]
+    assert b["position_ids"][3].tolist()[2:] == [0, 1, 2, 3]
+    assert b["resp_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]
+    assert b["behav_logp"][1, 0].item() == pytest.approx(-0.3)
+
+
+def test_prompts_for_step_is_a_partition_of_each_epoch():
+    n, B = 50, 8
+    seen = []
+    for step in range(0, 50 // B * 2):
+        parts = [npo.prompts_for_step(step, n, B, 3, r, 2) for r in range(2)]
+        assert len(parts[0]) == len(parts[1]) == B // 2
+        seen += parts[0] + parts[1]
+    assert sorted(seen[:48]) == sorted(set(seen[:48]))  # no repeats inside an epoch
+    assert npo.prompts_for_step(5, n, B, 3, 1, 2) == npo.prompts_for_step(5, n, B, 3, 1, 2)
+
+
+# =============================================================================================
+# Verifier
+# =============================================================================================
+@pytest.mark.parametrize("response,answer", [
+    ("so \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("\\boxed{a^{2}} and then \\boxed{\\sqrt{\\frac{1}{2}}}", "\\sqrt{\\frac{1}{2}}"),
+    ("<answer>42</answer>", "42"),
+    ("blah\n#### 1,234", "1,234"),
+    ("The final answer is 7.", "7"),
+    ("Q: x\nA: 26", "26"),
+    ("first 3 then 4 then 5", "5"),
+    ("no digits here", None),
+    ("\\boxed{12", "12"),  # unbalanced: falls back to the last number
+])
+def test_extract_answer(response, answer):
+    assert verifier.extract_answer(response) == answer
+
+
+def test_score_basic_equivalences():
+    assert verifier.score("\\boxed{0.5}", "\\frac{1}{2}") == 1.0
+    assert verifier.score("The answer is $1,000$.", "1000") == 1.0
+    assert verifier.score("\\boxed{3}", "4") == 0.0
+    assert verifier.score("492", "492") == 1.0
+    assert verifier.score("49", "492") == 0.0
+    assert verifier.score("The answer is (B)", "B") == 1.0
+    assert verifier.score("B", "(B)") == 1.0
+    assert verifier.score("A, B, C or D", "B") == 0.0  # listing every option earns nothing
+    assert verifier.score(None, "1") == 0.0
+
+
+def test_verifier_agrees_with_every_gsm8k_label():
+    rows = [json.loads(line) for line in open(shared("gsm8k_model_solutions.jsonl"))]
+    n, bad = 0, []
+    for r in rows:
+        for key, sol in r.items():
+            if isinstance(sol, dict):
+                n += 1
+                if verifier.score(sol["solution"], r["ground_truth"]) != float(sol["is_correct"]):
+                    bad.append((key, sol["solution"][-80:]))
+    assert n == 5276 and not bad, bad[:5]
+
+
+# math-verify's own regression cases we knowingly judge differently (row index: why)
+PEER_DISAGREEMENTS = {
+    5: "'1000,99' decimal comma: we read ',' followed by digits as a list, not a decimal point",
+    6: "'1,22' vs '1.22': same (European decimal comma)",
+    17: "'0,111' vs '0.111': same",
+    31: "'Answer $ \\n 9 \\n $': we accept a number split over lines inside $...$; math-verify doesn't",
+    32: "same with \\( \\)",
+    61: "a long solution whose answer is only in the gold's prose; our tail window sees no answer",
+    133: "matrix of rounded decimals (0.33 for 1/3): math-verify's float_rounding accepts, sympy compare here does not",
+    139: "interval with rounded endpoints (2.6667 for 8/3): same rounding tolerance",
+    154: "answer stated only in prose far before the end of a long response",
+    179: "'32, 349' : we strip the thousands separator and accept 32349; math-verify reads a set",
+    186: "'-2 \\\\le x \\\\le 7' with doubled backslashes vs an interval",
+    217: "'W(x)=1orW(x)=-1' without spaces or LaTeX vs a boxed pair of equations",
+}
+
+
+def test_verifier_on_math_verify_regression_cases():
+    rows = [json.loads(line) for line in open(shared("peer_verifier_cases.jsonl"))]
+    bad = {i for i, r in enumerate(rows) if verifier.score(r["pred"], r["gold"]) != float(r["expected"])}
+    agreement = 1 - len(bad) / len(rows)
+    print(f"\nmath-verify regression cases: {len(rows) - len(bad)}/{len(rows)} agree ({agreement:.1%})")
+    assert bad <= set(PEER_DISAGREEMENTS), f"new disagreements: {sorted(bad - set(PEER_DISAGREEMENTS))}"
+
+
+@pytest.mark.parametrize("response", [
+    "x" * 100_000 + " the answer is 42",
+    "\\boxed{10^{10^{10}}}",
+    "10^{10^{10}}",
+    "\\boxed{" * 20_000,
+    "{" * 50_000,
+    "}" * 50_000 + "\\boxed{1}\\boxed{2}\\boxed{42}",
+    "A B C D E",
+    "9" * 50_000,
+    "\x00\x01\ufffd" * 1000,
+    "$" * 10_000,
+    "\\frac{" * 3000 + "1",
+])
+def test_hostile_responses_score_within_time(response):
+    for gt in ("42", "B", "\\frac{1}{2}"):
+        t = time.time()
+        s = verifier.score(response, gt)
+        assert s in (0.0, 1.0)
+        assert time.time() - t < verifier.DEADLINE_S + 3, f"took {time.time() - t:.1f}s"
+
+
+def test_score_runs_off_the_main_thread():
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as ex:
+        out = list(ex.map(lambda a: verifier.score(a[0], a[1]),
+                          [("\\boxed{\\frac{2}{4}}", "0.5"), ("$x \\in [1, 2]$", "[1,2]")]))
+    assert out == [1.0, 1.0]
+
+
+def test_countdown_checks_expressions_without_eval():
+    assert verifier.score_countdown("(3+5)*7-2", [2, 3, 5, 7], 54) == 1.0
+    assert verifier.score_countdown("<answer>7*(3+5)-2</answer>", [2, 3, 5, 7], 54) == 1.0
+    assert verifier.score_countdown("(3+5)*7", [2, 3, 5, 7], 56) == 0.0  # 2 unused
+    assert verifier.score_countdown("(3+3)*7-2", [2, 3, 5, 7], 40) == 0.0  # 3 twice
+    assert verifier.score_countdown("8/(3-3)", [3, 3, 8], 0) == 0.0
+    assert verifier.score_countdown("__import__('os').system('true')", [1], 1) == 0.0
+    assert verifier.score_countdown("2**99", [2, 99], 0) == 0.0
+    row = npo_data.make_task("countdown", n_train=50, n_eval=0)[0][7]
+    assert verifier.reward(row["answer"], row) == 1.0
+
+
+# =============================================================================================
+# Data
+# =============================================================================================
+def test_synthetic_tasks_deterministic_and_split():
+    for task in npo_data.TASKS:
+        tr, ev = npo_data.make_task(task, n_train=300, n_eval=50)
+        tr2, ev2 = npo_data.make_task(task, n_train=300, n_eval=50)
+        assert tr == tr2 and ev == ev2 and len(ev) == 50
+        assert not {npo_data.prompt_text(r) for r in tr} & {npo_data.prompt_text(r) for r in ev}
+        for r in tr[:50] + ev[:10]:
+            assert verifier.reward(npo_data.sft_response(r), r) == 1.0
+    tr, ev = npo_data.make_task("mul", "3x1")
+    assert len(ev) == 1000  # the default eval set is >= 1000 prompts
+
+
+def test_gsm8k_file_loads():
+    train, evals = npo_data.load_data(shared("gsm8k_test.jsonl"), n_eval=10_000)
+    assert len(train) + len(evals) == 1319
+    assert all(npo_data._as_number if False else r["answer"].lstrip("-").replace(".", "").isdigit()
+               for r in train + evals)
+    assert train[0]["messages"][0]["role"] == "user"
+
+
+def _write(path, lines):
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"question": "1+1?"}', "answer"),
+    ('{"answer": "2"}', "question"),
+    ('{"question": "", "answer": "2"}', "question"),
+    ('{"question": "1+1?", "answer": ""}', "answer"),
+    ('{"prompt": [{"content": "hi"}], "reward_model": {"ground_truth": "2"}}', "prompt"),
+    ('{"question": "1+1?", "answer": 2', "invalid JSON"),
+    ('[1, 2]', "object"),
+])
+def test_malformed_rows_name_file_row_and_field(tmp_path, line, field):
+    path = _write(tmp_path / "d.jsonl", ['{"question": "ok?", "answer": "1"}', line])
+    with pytest.raises(npo_data.DataError) as e:
+        npo_data.load_file(path)
+    assert f"{path}:2" in str(e.value) and field in str(e.value)
+
+
+def test_verl_layout_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"{i}+1?"}],
+             "reward_model": {"ground_truth": str(i + 1)}} for i in range(20)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    loaded = npo_data.load_file(str(tmp_path / "d.parquet"))
+    assert len(loaded) == 20 and loaded[3]["answer"] == "4" and loaded[3]["messages"][0]["role"] == "system"
+    pq.write_table(pa.Table.from_pylist([{"question": "x", "answer": "1"}, {"question": "y", "answer": None}]),
+                   tmp_path / "bad.parquet")
+    with pytest.raises(npo_data.DataError, match=r"bad.parquet:2: missing field 'answer'"):
+        npo_data.load_file(str(tmp_path / "bad.parquet"))
+
+
+def test_eval_file_prompts_never_trained_on(tmp_path):
+    tr = _write(tmp_path / "t.jsonl", [json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(30)])
+    ev = _write(tmp_path / "e.jsonl", [json.dumps({"question": f"q{i}", "answer": str(i)}) for i in range(5)])
+    train, evals = npo_data.load_data(tr, eval_spec=ev)
+    assert len(evals) == 5 and len(train) == 25
+
+
+def test_bad_data_file_is_a_clean_error(tmp_path):
+    path = _write(tmp_path / "d.jsonl", ['{"question": "1+1?", "answer": "2"}', '{"question": "2+2?"}'])
+    p = subprocess.run([PY, "npo.py", "--data", path, "--out", str(tmp_path / "o"), "--steps", "1"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert f"{path}:2: missing field 'answer'" in p.stderr and "Traceback" not in p.stderr
+
+
+# =============================================================================================
+# Model pieces: the engine's sampling log-probs, snapshots
+# =============================================================================================
+@pytest.fixture(scope="module")
+def world_of_one(tmp_path_factory):
+    npo.setup_distributed()
+    path = npo.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
+    args = npo.parse_args(["--out", str(tmp_path_factory.mktemp("out")), "--model", path])
+    return path, args
+
+
+def test_engine_logprobs_equal_trainer_logprobs(world_of_one):
+    path, args = world_of_one
+    dev = torch.device("cpu")
+    tok = npo.load_tokenizer(path)
+    model = npo.load_policy(path, args, dev)
+    engine = npo.make_engine(path, args, dev)
+    npo.sync_weights(engine, npo.full_state_dict(model))
+    rows = npo_data.make_task("mul", n_train=10, n_eval=0)[0]
+    prompts = npo.encode_prompts(tok, rows, 128, "t")
+    samples = npo.generate(engine, prompts, 3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
+    batch = npo.make_batch(prompts, samples, 3, tok.pad_token_id)
+    lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
+    m = batch["resp_mask"].bool()
+    assert (lp[m] - batch["behav_logp"][m]).abs().max().item() < 1e-5
+
+
+def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
+    path, args = world_of_one
+    dev = torch.device("cpu")
+    model = npo.load_policy(path, args, dev)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    ids = torch.randint(5, 90, (4, 12))
+
+    def train_one():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+
+    train_one()
+    snap = npo.take_snapshot(model, optim, sched, 1)
+    want = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    want_opt = {k: v["exp_avg_sq"].full_tensor().clone() for k, v in optim.state_dict()["state"].items()}
+    npo.save_checkpoint(str(tmp_path), snap, keep=1)
+    train_one()
+    train_one()
+    assert any(not torch.equal(v.full_tensor(), want[k]) for k, v in model.state_dict().items())
+    loaded = npo.load_checkpoint(npo.latest_checkpoint(str(tmp_path)))  # through the disk, weights_only
+    assert npo.restore_snapshot(loaded, model, optim, sched) == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.full_tensor(), want[k]), k
+    for k, v in optim.state_dict()["state"].items():
+        assert torch.equal(v["exp_avg_sq"].full_tensor(), want_opt[k])
+    assert sched.last_epoch == 1
+
+
+# =============================================================================================
+# End to end: SFT, GRPO single process and torchrun, resume
+# =============================================================================================
+def run(cmd, timeout=600):
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+TASK = ["--data", "mul", "--difficulty", "1x1", "--eval_size", "12", "--eval_samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def sft_model(tmp_path_factory):
+    """A tiny policy that already solves some 1x1 products, so GRPO groups carry signal."""
+    out = str(tmp_path_factory.mktemp("sft"))
+    run([PY, "npo.py", "--mode", "sft", "--out", out, "--sft_steps", "150", "--lr", "3e-3",
+         "--eval_every", "150", *TASK])
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["eval_greedy_end"] > summary["eval_greedy_start"]
+    return os.path.join(out, "model")
+
+
+GRPO = ["--mode", "grpo", "--prompts_per_step", "8", "--group_size", "4", "--eval_every", "100",
+        "--lr", "1e-3", *TASK]
+
+
+def _params_changed(before, after):
+    from transformers import AutoModelForCausalLM
+    a = AutoModelForCausalLM.from_pretrained(before).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(after).state_dict()
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_single_process(sft_model, tmp_path):
+    out = str(tmp_path)
+    run([PY, "npo.py", *GRPO, "--model", sft_model, "--out", out, "--steps", "4"])
+    m = metrics(out)
+    assert [r["step"] for r in m] == [0, 1, 2, 3, 4]
+    for r in m[1:]:
+        assert math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 and 0 <= r["zero_signal_share"] <= 1
+        assert {"generate_s", "score_s", "train_s", "sync_s", "entropy", "clipfrac_on"} <= r.keys()
+    n_eval = len(npo_data.load_data("mul", "1x1", n_eval=12)[1])
+    assert "eval_greedy" in m[-1] and m[-1]["eval_n"] == m[0]["eval_n"] == n_eval > 0
+    assert _params_changed(sft_model, os.path.join(out, "model"))
+
+
+def test_grpo_torchrun_two_ranks(sft_model, tmp_path):
+    out = str(tmp_path)
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO,
+         "--model", sft_model, "--out", out, "--steps", "3", "--loss_agg", "seq-mean-token-mean"])
+    m = metrics(out)
+    assert len(m) == 4 and all(math.isfinite(r["loss"]) for r in m[1:])
+    assert m[-1]["eval_n"] == m[0]["eval_n"] > 0
+    assert _params_changed(sft_model, os.path.join(out, "model"))
+
+
+def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    common = [PY, "npo.py", *GRPO, "--model", sft_model, "--save_every", "2", "--no_save_model"]
+    run(common + ["--out", full, "--steps", "5"])
+    run(common + ["--out", part, "--steps", "3"])   # "killed" after step 3: newest checkpoint is step 2
+    assert npo.latest_checkpoint(part).endswith("step_000002")
+    run(common + ["--out", part, "--steps", "5", "--resume"])
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
+    for ra, rb in zip(a[3:], b[3:]):
+        for key in ("reward", "loss", "entropy", "grad_norm", "zero_signal_share"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
