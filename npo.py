@@ -40,6 +40,9 @@ from torch.distributed.tensor import DTensor
 
 import data as npo_data
 import verifier
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -50,8 +53,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--mode", default="grpo", choices=["sft", "grpo"],
-                   help="sft: supervised warm-up that makes a base policy; grpo: RL from verifiable rewards")
+    g.add_argument("--mode", default="grpo", choices=["sft", "grpo", "npo", "autonpo"],
+                   help="sft: supervised warm-up that makes a base policy; grpo: RL from verifiable "
+                        "rewards; npo: GRPO with the paper's manual interventions (--bootstrap_delta, "
+                        "--breakthrough_at); autonpo: interventions from online triggers, Delta by max S")
     g.add_argument("--out", default="runs/npo", help="output directory (metrics.jsonl, checkpoints/, model/)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
     g.add_argument("--steps", type=int, default=None,
@@ -100,6 +105,35 @@ def parse_args(argv=None):
                    help="sequences per optimizer step across all ranks; default: half a rollout batch")
     g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank")
 
+    g = p.add_argument_group("NPO: near-future guide")
+    g.add_argument("--gate", type=float, default=0.6,
+                   help="a group is helped (and enters the mistake pool) when its on-policy accuracy is below this")
+    g.add_argument("--guide_ratio", default="clip", choices=["clip", "none", "shape"],
+                   help="guide tokens: clip = pi_theta/pi_guide clipped; none = ratio to the recomputed "
+                        "old policy (RLEP); shape = LUFFY's p/(p+0.1)")
+    g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (for injection and Q)")
+    g.add_argument("--bootstrap_delta", type=int, default=0,
+                   help="npo: early bootstrapping: train Delta steps, roll back to 0, retrain with theta_Delta as guide")
+    g.add_argument("--breakthrough_at", type=int, default=0,
+                   help="npo: plateau breakthrough at this step: roll back --breakthrough_delta steps, guide = theta_t")
+    g.add_argument("--breakthrough_delta", type=int, default=0, help="npo: Delta of the plateau breakthrough")
+    g.add_argument("--ring_every", type=int, default=10, help="ring buffer: snapshot every k steps")
+    g.add_argument("--ring_size", type=int, default=6, help="ring buffer: snapshots kept (K)")
+    g.add_argument("--ring_dir", default=None, help="ring buffer on disk here instead of host memory")
+    g.add_argument("--pool_size", type=int, default=4096, help="mistake pool entries kept per rank")
+    g.add_argument("--v_floor", type=float, default=1e-4, help="S = Q / max(V, v_floor)")
+
+    g = p.add_argument_group("AutoNPO triggers")
+    g.add_argument("--trigger_window", type=int, default=20, help="steps each trigger looks back over")
+    g.add_argument("--stagnation_slope", type=float, default=5e-4,
+                   help="reward stagnation: slope per step of the moving-average reward below this")
+    g.add_argument("--entropy_frac", type=float, default=0.5,
+                   help="entropy collapse: recent mean entropy below this fraction of the early one")
+    g.add_argument("--sparse_threshold", type=float, default=0.6,
+                   help="early sparse reward: share of all-wrong groups above this")
+    g.add_argument("--cooldown", type=int, default=50, help="min training steps (compute) between interventions")
+    g.add_argument("--max_interventions", type=int, default=3, help="cap on AutoNPO interventions per run")
+
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
     g.add_argument("--eval_samples", type=int, default=4, help="k: samples per eval prompt at the training temperature")
@@ -112,8 +146,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("sft warm-up")
     g.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; default 600")
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step across ranks")
-    args = p.parse_args(argv)
-    return resolve_defaults(args)
+    return resolve_defaults(p.parse_args(argv), p)
 
 
 def is_embedded(model):
@@ -124,7 +157,7 @@ def is_embedded(model):
     return os.path.isfile(cfg) and json.load(open(cfg)).get("npo_embedded", False)
 
 
-def resolve_defaults(args):
+def resolve_defaults(args, p):
     """Fill size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise.
     Everything else has one default for every model."""
     tiny = is_embedded(args.model)
@@ -137,6 +170,13 @@ def resolve_defaults(args):
     args.prompts_per_step = args.prompts_per_step or pick(32, 256)
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
     args.sft_steps = args.sft_steps or 600
+    if args.mode == "npo" and not (args.bootstrap_delta or args.breakthrough_at):
+        p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
+    if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
+        p.error("--breakthrough_delta must be in 1..--breakthrough_at")
+    reach = args.ring_every * (args.ring_size - 1)
+    if max(args.bootstrap_delta, args.breakthrough_delta) > reach:
+        p.error(f"Delta is larger than the ring buffer reaches back (--ring_every x (--ring_size - 1) = {reach})")
     return args
 
 
@@ -738,9 +778,20 @@ def open_metrics(out, resume_step):
     return f
 
 
+def _json_safe(x):
+    """NaN / inf (no correct trajectory to measure V on, say) become null: metrics.jsonl stays JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def write_metrics(f, rec):
     if f is not None:
-        f.write(json.dumps(rec) + "\n")
+        f.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
         f.flush()
 
 
@@ -854,10 +905,276 @@ def run_sft(args):
 
 
 # =============================================================================================
-# GRPO training loop
+# NPO: the near-future guide. Pure functions first (injection, Q, V, S, triggers), then the
+# checkpoint ring buffer and the intervention that rolls back and makes theta_t the guide.
 # =============================================================================================
-def rollout(S, args, step):
-    """Sample G responses for this rank's prompts of `step`, score them, build the training batch."""
+def inject_guide(rewards, samples, guide, gate=0.6):
+    """Replace one incorrect on-policy sample per failing group with a verified guide sample.
+
+    rewards: [B, G] on-policy rewards; samples: B*G (ids, logps), prompt-major;
+    guide: B lists of the guide's correct (ids, logps) for each prompt (possibly empty).
+    A group is helped when its on-policy accuracy is strictly below `gate` (measured before any
+    replacement), it has an incorrect sample to give up, and the guide solved the prompt. The first
+    incorrect slot takes the first guide sample not used yet (cycling). The guide sample is correct
+    by construction, so its reward is 1. Each guide list is rotated in place, so the next injection
+    for the same prompt (a later epoch) uses the next guide sample.
+    Returns (samples, rewards, is_guide [B*G] bool); `samples` and `rewards` are not modified."""
+    B, G = rewards.shape
+    samples, rewards = list(samples), rewards.clone()
+    is_guide = torch.zeros(B * G, dtype=torch.bool)
+    for i in range(B):
+        wrong = (rewards[i] < 1).nonzero().flatten().tolist()
+        if rewards[i].mean().item() < gate and wrong and guide[i]:
+            j = wrong[0]
+            samples[i * G + j] = guide[i][0]
+            guide[i].append(guide[i].pop(0))  # next injection of this prompt uses the next sample
+            rewards[i, j] = 1.0
+            is_guide[i * G + j] = True
+    return samples, rewards, is_guide
+
+
+def signal_quality(solved):
+    """Q: among prompts the policy failed, the share the source solves. solved: list of bools."""
+    return sum(solved) / len(solved) if solved else 0.0
+
+
+def variance_cost(logp_policy, logp_source, mask):
+    """V: the variance the importance weights w = pi_policy / pi_source add, over the source's
+    correct trajectories. Sequence level (what V means in npo): w = exp(mean over the sequence's
+    tokens of (log pi_policy - log pi_source)), population variance over sequences. Token level
+    (logged): w = exp(log pi_policy - log pi_source) per token, variance over all tokens.
+    Inputs [N, T]; returns (V_seq, V_tok, moments) with the moments needed to combine ranks."""
+    m = mask.bool()
+    d = torch.where(m, (logp_policy - logp_source).double(), 0.0)
+    n_tok = m.sum(dim=1)
+    keep = n_tok > 0
+    w_seq = torch.exp(d.sum(dim=1)[keep] / n_tok[keep])
+    w_tok = torch.exp(d[m])
+    mom = [float(len(w_seq)), w_seq.sum().item(), (w_seq ** 2).sum().item(),
+           float(len(w_tok)), w_tok.sum().item(), (w_tok ** 2).sum().item()]
+    return (*variance_from_moments(mom), mom)
+
+
+def variance_from_moments(mom):
+    """(V_seq, V_tok) from [n, sum w, sum w^2] twice: lets ranks all-reduce sums, not tensors."""
+    out = []
+    for n, s1, s2 in (mom[0:3], mom[3:6]):
+        out.append(max(s2 / n - (s1 / n) ** 2, 0.0) if n else float("nan"))
+    return out
+
+
+def effective_signal(q, v, v_floor=1e-4):
+    """S = Q / V, with V floored so a source identical to the policy (V = 0) cannot win by
+    division: it has nothing to teach, and its Q says so."""
+    if v != v or q <= 0:  # NaN V: no correct trajectory to measure
+        return 0.0
+    return q / max(v, v_floor)
+
+
+def select_delta(table):
+    """The row of the Q/V/S table with the largest S (ties: the smaller Delta), or None if no
+    source has any signal."""
+    best = max(table, key=lambda r: (r["S"], -r["delta"]), default=None)
+    return best if best is not None and best["S"] > 0 else None
+
+
+def moving_average(x, window):
+    return [sum(x[i - window + 1:i + 1]) / window for i in range(window - 1, len(x))]
+
+
+def slope(y):
+    """Least-squares slope of y against 0..n-1."""
+    n = len(y)
+    xm, ym = (n - 1) / 2, sum(y) / n
+    den = sum((i - xm) ** 2 for i in range(n))
+    return sum((i - xm) * (v - ym) for i, v in enumerate(y)) / den if den else 0.0
+
+
+def reward_stagnation(rewards, window, min_slope):
+    """True when the moving average (over `window` steps) of the training reward has risen by less
+    than `min_slope` per step over the last `window` steps."""
+    if len(rewards) < 2 * window:
+        return False
+    return slope(moving_average(rewards, window)[-window:]) < min_slope
+
+
+def entropy_collapse(entropies, window, frac):
+    """True when the mean token entropy of the last `window` steps is below `frac` times that of the
+    first `window` steps of the run."""
+    if len(entropies) < 2 * window:
+        return False
+    early = sum(entropies[:window]) / window
+    return sum(entropies[-window:]) / window < frac * early
+
+
+def sparse_reward(all_wrong_shares, window, threshold):
+    """True when, over the last `window` steps, more than `threshold` of the groups were all wrong."""
+    if len(all_wrong_shares) < window:
+        return False
+    return sum(all_wrong_shares[-window:]) / window > threshold
+
+
+def autonpo_trigger(hist, since_last, n_done, ring_ready, args):
+    """Why AutoNPO intervenes now, or None. hist: per-step lists 'reward', 'entropy', 'all_wrong'
+    in compute order (replayed steps included); since_last: steps since the last intervention."""
+    if n_done >= args.max_interventions or since_last < args.cooldown or not ring_ready:
+        return None
+    if sparse_reward(hist["all_wrong"], args.trigger_window, args.sparse_threshold):
+        return "sparse_reward"
+    if entropy_collapse(hist["entropy"], args.trigger_window, args.entropy_frac):
+        return "entropy_collapse"
+    if reward_stagnation(hist["reward"], args.trigger_window, args.stagnation_slope):
+        return "reward_stagnation"
+    return None
+
+
+def ring_push(ring, snap, size, ring_dir=None):
+    """Add a snapshot to the ring buffer and evict the oldest beyond `size`. In host memory, or on
+    disk under `ring_dir` (one file per rank and step, written atomically)."""
+    entry = {"step": snap["step"], "snap": snap}
+    if ring_dir:
+        path = os.path.join(ring_dir, f"step{snap['step']:06d}_rank{dist.get_rank()}.pt")
+        os.makedirs(ring_dir, exist_ok=True)
+        torch.save(snap, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        entry = {"step": snap["step"], "path": path}
+    ring[:] = [e for e in ring if e["step"] != snap["step"]] + [entry]
+    while len(ring) > size:
+        _ring_drop(ring.pop(0))
+
+
+def _ring_drop(entry):
+    if "path" in entry and os.path.exists(entry["path"]):
+        os.remove(entry["path"])
+
+
+def ring_get(ring, step):
+    entry = next(e for e in ring if e["step"] == step)
+    return entry["snap"] if "snap" in entry else torch.load(entry["path"], weights_only=True)
+
+
+def ring_truncate(ring, step):
+    """After a rollback to `step`, the snapshots after it belong to an abandoned branch."""
+    for e in [e for e in ring if e["step"] > step]:
+        ring.remove(e)
+        _ring_drop(e)
+
+
+@torch.no_grad()
+def load_weights(snap, model):
+    """Only the model shards of a snapshot (for measuring V at a past checkpoint)."""
+    params = model.state_dict()
+    for name, saved in snap["model"].items():
+        params[name].copy_(_like(saved, params[name]))
+
+
+def sample_guide(S, args, rows_idx):
+    """m samples per prompt from the engine (which holds the guide, theta_t), verified.
+    Returns ({row: [correct (ids, logps)]}, {row: solved}, generated tokens)."""
+    tok, m = S["tokenizer"], args.guide_samples
+    rows_idx = sorted(set(rows_idx))
+    samples = generate(S["engine"], [S["train_prompts"][i] for i in rows_idx], m, args.temperature,
+                       args.top_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, args.gen_batch_size)
+    rewards = score_responses(tok, [S["train_rows"][i] for i in rows_idx], samples, m)
+    correct = {i: [samples[k * m + j] for j in range(m) if rewards[k * m + j] >= 1]
+               for k, i in enumerate(rows_idx)}
+    return correct, {i: bool(c) for i, c in correct.items()}, sum(len(ids) for ids, _ in samples)
+
+
+@torch.no_grad()
+def sequence_logprobs_padded(model, batch, args, device):
+    """Response log-probs of every sequence in `batch` (None: no sequences on this rank), with the
+    same number of forward calls on every rank: FSDP all-gathers inside forward, so a rank with
+    fewer sequences runs one-token dummies to keep in step with the others."""
+    N = 0 if batch is None else batch["input_ids"].shape[0]
+    mb = args.micro_batch_size
+    calls = int(all_reduce_max(max(1, math.ceil(N / mb)), device))
+    out = []
+    for c in range(calls):
+        if c * mb < N:
+            lp, _ = forward_logprobs(model, batch, torch.arange(c * mb, min(N, (c + 1) * mb)),
+                                     args.temperature, device)
+            out.append(lp.cpu())
+        else:
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    return torch.cat(out) if out else None
+
+
+def all_reduce_max(value, device):
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def qvs_table(S, args, ring, t, candidates, pool):
+    """Q(Delta), V(Delta), S(Delta) for guide theta_t against each ring snapshot s = t - Delta.
+
+    Q: the mistake-pool prompts failed in [s, s + ring_every) (what the policy at s got wrong),
+       sampled m times from the guide; the share with a correct sample.
+    V: the guide's correct trajectories on the whole pool, scored by theta_s (snapshot loaded into
+       the trainer, one forward pass) against the guide's own sampling log-probs.
+    All ranks combine their counts, so every rank picks the same Delta. The engine keeps theta_t
+    throughout; the trainer's weights are left at theta_s of the last candidate (the caller
+    restores what it chooses)."""
+    device, tok = S["device"], S["tokenizer"]
+    windows = {s: [r for st, r in pool if s <= st < s + args.ring_every] for s in candidates}
+    rows = [r for w in windows.values() for r in w]
+    correct, solved, n_tok = sample_guide(S, args, rows)
+    traj_rows = [r for r in sorted(correct) for _ in correct[r]]
+    traj = [x for r in sorted(correct) for x in correct[r]]
+    batch = make_batch([S["train_prompts"][r] for r in traj_rows], traj, 1, tok.pad_token_id) if traj else None
+    table = []
+    for s in candidates:
+        load_weights(ring_get(ring, s), S["model"])
+        lp = sequence_logprobs_padded(S["model"], batch, args, device)
+        mom = variance_cost(lp, batch["behav_logp"], batch["resp_mask"])[2] if batch is not None else [0.0] * 6
+        q_num, q_den = sum(solved[r] for r in windows[s]), len(windows[s])
+        tot = all_reduce_sum([q_num, q_den, *mom], device)
+        q = tot[0] / tot[1] if tot[1] else 0.0
+        v_seq, v_tok = variance_from_moments(tot[2:])
+        table.append({"delta": t - s, "snapshot": s, "Q": q, "V": v_seq, "V_token": v_tok,
+                      "S": effective_signal(q, v_seq, args.v_floor), "pool_prompts": int(tot[1]),
+                      "guide_trajectories": int(tot[2])})
+    return table, n_tok
+
+
+def intervene(S, args, ring, t, deltas, pool, reason):
+    """Roll back to t - Delta with theta_t as the guide. `deltas`: the candidates (manual NPO: one;
+    AutoNPO: every snapshot in the ring). Measures Q/V/S, picks argmax S, samples the guide's
+    trajectories for the prompts of the steps to be replayed (while the engine still holds theta_t),
+    restores the snapshot and syncs the engine. Returns (new step, guide pool, log record)."""
+    current = take_snapshot(S["model"], S["optim"], S["sched"], t)
+    candidates = [t - d for d in deltas if any(e["step"] == t - d for e in ring) and d > 0]
+    table, n_tok = qvs_table(S, args, ring, t, candidates, pool) if candidates else ([], 0)
+    best = select_delta(table)
+    if args.mode == "npo" and table:  # manual NPO rolls back as told; the table is diagnostics
+        best = table[0]
+    rec = {"event": "intervention", "step": t, "reason": reason, "table": table,
+           "delta": best and best["delta"], "guide_tokens_generated": n_tok}
+    if best is None:
+        restore_snapshot(current, S["model"], S["optim"], S["sched"], rng=False)
+        rec["skipped"] = "no candidate snapshot with signal"
+        return t, {}, rec
+    s = best["snapshot"]
+    replay = [i for st in range(s, t) for i in prompts_for_step(
+        st, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
+    guide_pool, _, n_tok2 = sample_guide(S, args, replay)
+    restore_snapshot(ring_get(ring, s), S["model"], S["optim"], S["sched"], rng=False)
+    ring_truncate(ring, s)
+    sync_weights(S["engine"], full_state_dict(S["model"]))
+    rec["guide_tokens_generated"] += n_tok2
+    rec["guide_solved_share"] = all_reduce_sum([sum(bool(v) for v in guide_pool.values()),
+                                                len(guide_pool)], S["device"])
+    rec["guide_solved_share"] = rec["guide_solved_share"][0] / max(rec["guide_solved_share"][1], 1)
+    return s, guide_pool, rec
+
+
+# =============================================================================================
+# Training loop: GRPO, with NPO's manual interventions or AutoNPO's triggers on top
+# =============================================================================================
+def rollout(S, args, step, guide=None):
+    """Sample G responses for this rank's prompts of `step`, score them, inject guide samples into
+    failing groups (NPO, when `guide` holds the guide's correct samples), build the training batch."""
     tok, G = S["tokenizer"], args.group_size
     idx = prompts_for_step(step, len(S["train_rows"]), args.prompts_per_step, args.seed,
                            dist.get_rank(), dist.get_world_size())
@@ -869,15 +1186,25 @@ def rollout(S, args, step):
     t = time.time()
     rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
     t_score = time.time() - t
+    failed = rewards.mean(dim=1) < args.gate                     # the mistake pool's entries
+    is_guide = torch.zeros(len(samples), dtype=torch.bool)
+    if guide:
+        samples, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
     batch = make_batch(prompts, samples, G, tok.pad_token_id)
     batch["rewards"] = rewards
     batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
     zero = zero_signal_groups(rewards)                                                  # [B]
     # groups without signal are counted and left out of the loss (their advantage is 0 anyway)
     batch["loss_mask"] = batch["resp_mask"] * (~zero).repeat_interleave(G).float().unsqueeze(1)
+    if is_guide.any():
+        batch["guide_mask"] = batch["resp_mask"] * is_guide.float().unsqueeze(1)     # [B*G, R]
+        batch["guide_logp"] = batch["behav_logp"]   # the guide's own sampling log-probs there
+    on_policy = [ids for (ids, _), g in zip(samples, is_guide.tolist()) if not g]
     return batch, {"generate_s": t_gen, "score_s": t_score, "zero_signal": zero.float().sum().item(),
                    "all_wrong": (rewards.max(dim=1).values <= 0).float().sum().item(),
-                   "groups": len(rows)}
+                   "groups": len(rows), "injected": int(is_guide.sum()),
+                   "gen_tokens": sum(len(ids) for ids in on_policy),
+                   "failed_rows": [i for i, f in zip(idx, failed.tolist()) if f]}
 
 
 def train_step(S, args, batch, gen):
@@ -900,9 +1227,10 @@ def step_metrics(step, batch, roll, stats, args):
     r = batch["rewards"]
     keys = ["reward_sum", "correct_sum", "n_seq", "zero_signal", "all_wrong", "groups", "entropy_sum",
             "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
-            "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum"]
+            "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum", "injected",
+            "gen_tokens"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
-             **roll, **stats}
+             **{k: v for k, v in roll.items() if k != "failed_rows"}, **stats}
     tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], device_of(None))))
     world, n_opt = dist.get_world_size(), max(1, stats["optimizer_steps"])
     rec = {
@@ -913,6 +1241,7 @@ def step_metrics(step, batch, roll, stats, args):
         "response_len": tot["resp_tokens"] / tot["n_seq"],
         "zero_signal_share": tot["zero_signal"] / tot["groups"],
         "all_wrong_share": tot["all_wrong"] / tot["groups"],
+        "injected": int(tot["injected"]),
         "clipfrac_on": tot["on_clipfrac_sum"] / max(tot["on_tokens"], 1),
         "ratio_mean_on": tot["on_ratio_sum"] / max(tot["on_tokens"], 1),
         "ratio_max_on": stats.get("on_ratio_max"),
@@ -921,62 +1250,124 @@ def step_metrics(step, batch, roll, stats, args):
         "grad_norm": tot["grad_norm_sum"] / (world * n_opt),
         "lr": args.lr,
         "generate_s": roll["generate_s"], "score_s": roll["score_s"], "train_s": stats["train_s"],
+        "step_tokens": int(tot["gen_tokens"]),
     }
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=tot["guide_clipfrac_sum"] / tot["guide_tokens"],
-                   ratio_mean_guide=tot["guide_ratio_sum"] / tot["guide_tokens"])
+                   ratio_mean_guide=tot["guide_ratio_sum"] / tot["guide_tokens"],
+                   ratio_max_guide=stats.get("guide_ratio_max"), ratio_min_guide=stats.get("guide_ratio_min"))
     if args.kl_coef > 0:
         rec["kl"] = tot["kl_sum"] / (world * n_opt)
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in rec.items()}
+    return rec
 
 
-def run_grpo(args):
+def new_npo_state():
+    """Everything NPO / AutoNPO carries across steps (saved in checkpoints for --resume)."""
+    return {"ring": [], "pool": [], "guide": {}, "done": [], "interventions": 0,
+            "hist": {"reward": [], "entropy": [], "all_wrong": []},
+            "compute_steps": 0, "generated_tokens": 0, "last_intervention": 0}
+
+
+def due_intervention(args, st, step):
+    """(candidate Deltas, reason) if an intervention is due after `step` steps, else None.
+    Manual NPO: bootstrapping (at step Delta, back to 0) and plateau breakthrough (at a given step,
+    back by Delta), once each. AutoNPO: a trigger fired; every older ring snapshot is a candidate."""
+    if args.mode == "npo":
+        if args.bootstrap_delta and step == args.bootstrap_delta and "bootstrap" not in st["done"]:
+            st["done"].append("bootstrap")
+            return [args.bootstrap_delta], "bootstrap"
+        if args.breakthrough_at and step == args.breakthrough_at and "breakthrough" not in st["done"]:
+            st["done"].append("breakthrough")
+            return [args.breakthrough_delta], "breakthrough"
+    if args.mode == "autonpo":
+        deltas = [step - e["step"] for e in st["ring"] if e["step"] < step]
+        reason = autonpo_trigger(st["hist"], st["compute_steps"] - st["last_intervention"],
+                                 st["interventions"], bool(deltas), args)
+        if reason:
+            return deltas, reason
+    return None
+
+
+def run_rl(args):
     S = setup(args)
     tok = S["tokenizer"]
     if args.kl_coef > 0:
         S["ref"] = load_policy(S["path"], args, S["device"]).eval()
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.get_rank())  # minibatch shuffles
     start = resume_if_asked(args, S, gen)
+    st = S.get("resumed", {}).get("npo") or new_npo_state()
     metrics = open_metrics(args.out, start if args.resume else None)
     sync_weights(S["engine"], full_state_dict(S["model"]))
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
-        write_metrics(metrics, {"step": 0, **base})
+        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base})
     else:  # evaluating again would draw from the restored RNG and change the next steps
         base = S["resumed"]["base_eval"]
-    log0(f"grpo | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
+    log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
          f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
-    t0, last_eval = time.time(), base
-    for step in range(start, args.steps):
-        # ---- Generate episodes -------------------------------------------------------------
-        batch, roll = rollout(S, args, step)
-        # ---- Training ---------------------------------------------------------------------
+    needed = {0, args.breakthrough_at - args.breakthrough_delta} if args.mode == "npo" else {0}
+    t0, last_eval, step = time.time(), base, start
+    wall0 = S.get("resumed", {}).get("wall_s", 0.0)
+    while step < args.steps:
+        # ---- Checkpoint ring buffer (NPO / AutoNPO) ------------------------------------------
+        if args.mode != "grpo" and (step % args.ring_every == 0 or step in needed) \
+                and not any(e["step"] == step for e in st["ring"]):
+            ring_push(st["ring"], take_snapshot(S["model"], S["optim"], S["sched"], step),
+                      args.ring_size, args.ring_dir)
+        # ---- Generate episodes (with guide samples injected into failing groups) --------------
+        batch, roll = rollout(S, args, step, st["guide"])
+        # ---- Training ----------------------------------------------------------------------
         stats = train_step(S, args, batch, gen)
-        # ---- Update the inference engine's weights ----------------------------------------
+        # ---- Update the inference engine's weights -----------------------------------------
         t = time.time()
         sync_weights(S["engine"], full_state_dict(S["model"]))
         sync_s = time.time() - t
-        # ---- Log metrics -----------------------------------------------------------------
+        # ---- Log metrics ------------------------------------------------------------------
         rec = step_metrics(step, batch, roll, stats, args)
-        rec["sync_s"] = sync_s
-        rec["wall_s"] = time.time() - t0
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        st["compute_steps"] += 1
+        st["generated_tokens"] += rec["step_tokens"]
+        st["pool"] = (st["pool"] + [(step, i) for i in roll["failed_rows"]])[-args.pool_size:]
+        for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]),
+                         ("all_wrong", rec["all_wrong_share"])):
+            st["hist"][key].append(val)
+        rec.update(sync_s=sync_s, wall_s=wall0 + time.time() - t0, compute_steps=st["compute_steps"],
+                   generated_tokens=st["generated_tokens"])
+        step += 1
+        if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
             last_eval = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
             rec.update(last_eval, eval_s=time.time() - t)
         write_metrics(metrics, rec)
         if not args.quiet:
             ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
-            log0(f"grpo | step {step + 1}/{args.steps} | reward {rec['reward']:.3f} | "
+            inj = f" | injected {rec['injected']}" if args.mode != "grpo" else ""
+            log0(f"{args.mode} | step {step}/{args.steps} | reward {rec['reward']:.3f} | "
                  f"zero-signal {rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | "
-                 f"clip {rec['clipfrac_on']:.3f} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
+                 f"clip {rec['clipfrac_on']:.3f}{inj} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
                  f"train {rec['train_s']:.2f}s sync {sync_s:.3f}s{ev}")
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step + 1,
-                                                    {"shuffle_rng": gen.get_state(), "base_eval": base}),
-                            args.keep_checkpoints)
+        # ---- NPO / AutoNPO: roll back Delta steps and retrain with theta_t as the guide --------
+        due = due_intervention(args, st, step) if args.mode != "grpo" else None
+        if due:
+            new_step, st["guide"], irec = intervene(S, args, st["ring"], step, due[0], st["pool"], due[1])
+            st["generated_tokens"] += int(all_reduce_sum([irec["guide_tokens_generated"]], S["device"])[0])
+            irec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"],
+                        wall_s=wall0 + time.time() - t0)
+            st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too
+            st["interventions"] += "skipped" not in irec
+            write_metrics(metrics, irec)
+            log0(f"{args.mode} | intervention at step {step} ({due[1]}): " + (
+                irec.get("skipped") or f"roll back to step {new_step} (Delta {irec['delta']}), "
+                f"guide solved {irec['guide_solved_share']:.2f} of the replayed prompts") + "\n  " +
+                "\n  ".join(f"Delta {r['delta']:>3}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}"
+                            for r in irec["table"]))
+            step = new_step
+        if args.save_every and step % args.save_every == 0 and not due:
+            save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step, {
+                "shuffle_rng": gen.get_state(), "base_eval": base, "npo": st,
+                "wall_s": wall0 + time.time() - t0}), args.keep_checkpoints)
     k = args.eval_samples
-    summary = {"mode": "grpo", "steps": args.steps,
+    summary = {"mode": args.mode, "steps": args.steps, "compute_steps": st["compute_steps"],
+               "interventions": st["interventions"], "generated_tokens": st["generated_tokens"],
                "eval_greedy_start": base["eval_greedy"], "eval_greedy_end": last_eval["eval_greedy"],
                f"eval_mean@{k}_start": base[f"eval_mean@{k}"], f"eval_mean@{k}_end": last_eval[f"eval_mean@{k}"],
                "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}
@@ -989,7 +1380,7 @@ def run_grpo(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run_sft(args) if args.mode == "sft" else run_grpo(args)
+        run_sft(args) if args.mode == "sft" else run_rl(args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -195,6 +195,96 @@ def test_prompts_for_step_is_a_partition_of_each_epoch():
 
 
 # =============================================================================================
+# NPO: injection, Q / V / S, triggers, selector, ring buffer
+# =============================================================================================
+def _samples(B, G, tag=0):
+    return [([tag, k], [-0.5, -0.5]) for k in range(B * G)]
+
+
+def test_inject_guide_slot_gate_and_no_guide():
+    G = 5
+    rewards = torch.tensor([[1.0, 0, 1, 0, 0],    # acc 0.4 < 0.6, guide solved it -> inject at slot 1
+                            [1.0, 1, 1, 0, 0],    # acc 0.6: not strictly below the gate -> untouched
+                            [0.0, 0, 0, 0, 0],    # all wrong but the guide has nothing -> untouched
+                            [0.0, 0, 0, 0, 0]])   # all wrong, guide solved -> slot 0
+    samples = _samples(4, G)
+    g0, g3a, g3b = ([9, 9], [-0.1, -0.2]), ([8], [-0.3]), ([7], [-0.4])
+    guide = [[g0], [([6], [-0.1])], [], [g3a, g3b]]
+    new_s, new_r, is_g = npo.inject_guide(rewards, samples, guide, gate=0.6)
+    assert is_g.nonzero().flatten().tolist() == [1, 15]
+    assert new_s[1] == g0 and new_s[15] == g3a and new_r[0, 1] == 1 and new_r[3, 0] == 1
+    assert new_r[1].tolist() == rewards[1].tolist() and new_r[2].sum() == 0
+    assert samples[1] == ([0, 1], [-0.5, -0.5]) and rewards[0, 1] == 0  # inputs untouched
+    assert guide[3] == [g3b, g3a]  # rotated: the next injection for this prompt uses g3b
+    # the mixed group now carries signal: the guide sample gets the positive advantage
+    adv = npo.grpo_advantages(new_r)
+    assert adv[3, 0] > 0 and (adv[3, 1:] < 0).all() and not npo.zero_signal_groups(new_r)[3]
+
+
+def test_q_v_s_on_hand_made_inputs():
+    assert npo.signal_quality([True, False, True, False]) == 0.5
+    assert npo.signal_quality([]) == 0.0
+    ln2 = math.log(2)
+    # seq 0: policy - source = ln2 on both tokens -> w = 2; seq 1: 0 -> w = 1; seq 2: no tokens
+    lp_src = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    lp_pol = lp_src + torch.tensor([[ln2, ln2, 5.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    v_seq, v_tok, mom = npo.variance_cost(lp_pol, lp_src, mask)
+    assert v_seq == pytest.approx(0.25)                      # var{2, 1}
+    assert v_tok == pytest.approx(np_var([2, 2, 1, 1, 1]))   # per-token weights
+    # moments of two halves combine to the whole (how ranks are combined)
+    a = npo.variance_cost(lp_pol[:1], lp_src[:1], mask[:1])[2]
+    b = npo.variance_cost(lp_pol[1:], lp_src[1:], mask[1:])[2]
+    assert npo.variance_from_moments([x + y for x, y in zip(a, b)]) == pytest.approx([v_seq, v_tok])
+    assert npo.effective_signal(0.5, 0.25) == pytest.approx(2.0)
+    assert npo.effective_signal(0.5, 0.0, v_floor=1e-2) == pytest.approx(50.0)
+    assert npo.effective_signal(0.0, 0.1) == 0.0 and npo.effective_signal(0.3, float("nan")) == 0.0
+
+
+def np_var(xs):
+    m = sum(xs) / len(xs)
+    return sum((x - m) ** 2 for x in xs) / len(xs)
+
+
+def test_select_delta_picks_argmax_s():
+    table = [{"delta": 10, "S": 3.0}, {"delta": 20, "S": 7.5}, {"delta": 30, "S": 7.5}, {"delta": 40, "S": 1.0}]
+    assert npo.select_delta(table)["delta"] == 20  # ties go to the nearer future
+    assert npo.select_delta([{"delta": 10, "S": 0.0}]) is None
+    assert npo.select_delta([]) is None
+
+
+def _trigger_args(**kw):
+    a = npo.parse_args(["--mode", "autonpo", "--trigger_window", "5", "--cooldown", "10",
+                        "--max_interventions", "2", "--stagnation_slope", "0.01"])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_triggers_on_synthetic_series():
+    rising = [0.02 * i for i in range(30)]
+    flat = [0.3 + 0.01 * ((-1) ** i) for i in range(30)]
+    assert npo.slope([1, 3, 5, 7]) == pytest.approx(2.0)
+    assert npo.moving_average([1, 2, 3, 4], 2) == [1.5, 2.5, 3.5]
+    assert not npo.reward_stagnation(rising, 5, 0.01)
+    assert npo.reward_stagnation(flat, 5, 0.01)
+    assert not npo.reward_stagnation(flat[:9], 5, 0.01)  # not enough history yet
+    ent = [1.0] * 10 + [0.4] * 10
+    assert npo.entropy_collapse(ent, 5, 0.5) and not npo.entropy_collapse([1.0] * 20, 5, 0.5)
+    assert npo.sparse_reward([0.9] * 5, 5, 0.6) and not npo.sparse_reward([0.5] * 5, 5, 0.6)
+    a = _trigger_args()
+    hist = {"reward": flat, "entropy": [1.0] * 30, "all_wrong": [0.1] * 30}
+    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "reward_stagnation"
+    assert npo.autonpo_trigger(hist, 9, 0, True, a) is None          # cooldown
+    assert npo.autonpo_trigger(hist, 50, 2, True, a) is None         # cap reached
+    assert npo.autonpo_trigger(hist, 50, 0, False, a) is None        # ring cannot supply a Delta
+    hist["all_wrong"] = [0.9] * 30
+    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "sparse_reward"
+    hist = {"reward": rising, "entropy": [1.0] * 15 + [0.2] * 15, "all_wrong": [0.1] * 30}
+    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "entropy_collapse"
+
+
+# =============================================================================================
 # Verifier
 # =============================================================================================
 @pytest.mark.parametrize("response,answer", [
@@ -434,6 +524,32 @@ def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
     assert sched.last_epoch == 1
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_ring_buffer_eviction_and_exact_restore(world_of_one, tmp_path, on_disk):
+    path, args = world_of_one
+    model = npo.load_policy(path, args, torch.device("cpu"))
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    ids = torch.randint(5, 90, (4, 12))
+    ring, kept = [], {}
+    ring_dir = str(tmp_path / "ring") if on_disk else None
+    for step in range(5):
+        npo.ring_push(ring, npo.take_snapshot(model, optim, sched, step), 3, ring_dir)
+        kept[step] = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+        model(input_ids=ids, labels=ids).loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+    assert [e["step"] for e in ring] == [2, 3, 4]
+    if on_disk:
+        assert sorted(os.listdir(ring_dir)) == [f"step{s:06d}_rank0.pt" for s in (2, 3, 4)]
+    assert npo.restore_snapshot(npo.ring_get(ring, 3), model, optim, sched, rng=False) == 3
+    assert all(torch.equal(v.full_tensor(), kept[3][k]) for k, v in model.state_dict().items())
+    assert sched.last_epoch == 3
+    npo.ring_truncate(ring, 3)
+    assert [e["step"] for e in ring] == [2, 3]
+
+
 # =============================================================================================
 # End to end: SFT, GRPO single process and torchrun, resume
 # =============================================================================================
@@ -508,3 +624,52 @@ def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path):
     for ra, rb in zip(a[3:], b[3:]):
         for key in ("reward", "loss", "entropy", "grad_norm", "zero_signal_share"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+def _events(out):
+    return [r for r in metrics(out) if r.get("event") == "intervention"]
+
+
+def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
+    out = str(tmp_path)
+    run([PY, "npo.py", *GRPO, "--mode", "npo", "--model", sft_model, "--out", out, "--steps", "6",
+         "--bootstrap_delta", "2", "--breakthrough_at", "5", "--breakthrough_delta", "2", "--ring_every", "2"])
+    ev = _events(out)
+    assert [(e["reason"], e["step"], e["delta"]) for e in ev] == [("bootstrap", 2, 2), ("breakthrough", 5, 2)]
+    for e in ev:
+        assert len(e["table"]) == 1 and {"Q", "V", "S", "V_token"} <= e["table"][0].keys()
+    steps = [r for r in metrics(out) if "event" not in r and r["step"] > 0]
+    # 2 steps, roll back to 0, 5 steps, roll back to 3, 3 steps: 10 steps of compute for 6 optimizer steps
+    assert [r["step"] for r in steps] == [1, 2, 1, 2, 3, 4, 5, 4, 5, 6]
+    assert [r["compute_steps"] for r in steps] == list(range(1, 11))
+    assert sum(r["injected"] for r in steps) > 0
+    assert any("clipfrac_guide" in r for r in steps)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["compute_steps"] == 10 and summary["interventions"] == 2
+
+
+AUTONPO = ["--mode", "autonpo", "--ring_every", "2", "--trigger_window", "2", "--cooldown", "3",
+           "--stagnation_slope", "10", "--sparse_threshold", "1.1", "--max_interventions", "1",
+           "--guide_samples", "16"]
+# (a stagnation trigger that must fire as soon as 2 windows of history exist, at step 4)
+
+
+def test_autonpo_single_process(sft_model, tmp_path):
+    out = str(tmp_path)
+    run([PY, "npo.py", *GRPO, *AUTONPO, "--model", sft_model, "--out", out, "--steps", "6"])
+    ev = _events(out)
+    assert len(ev) == 1 and ev[0]["reason"] == "reward_stagnation"
+    table = ev[0]["table"]
+    assert sorted(r["delta"] for r in table) == [2, 4]  # every ring snapshot older than t = 4
+    assert ev[0]["delta"] == max(table, key=lambda r: r["S"])["delta"]
+    assert sum(r.get("injected", 0) for r in metrics(out)) > 0
+
+
+def test_npo_and_autonpo_torchrun_two_ranks(sft_model, tmp_path):
+    for mode_args in (["--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2"], AUTONPO):
+        out = str(tmp_path / mode_args[1])
+        run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO,
+             *mode_args, "--model", sft_model, "--out", out, "--steps", "5"])
+        ev = _events(out)
+        assert len(ev) == 1 and ev[0]["table"], mode_args
+        assert sum(r.get("injected", 0) for r in metrics(out)) > 0
