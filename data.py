@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import random
-import re
 
 TASKS = ("mul", "lin", "countdown")
 DEFAULT_DIFFICULTY = {"mul": "3x1", "lin": "1", "countdown": "3"}

@@ -3,23 +3,32 @@
 One file, read top to bottom in the order data flows:
     args -> distributed setup -> model and tokenizer -> data -> rollout engine -> rewards
     -> advantages and loss -> training step -> evaluation -> checkpoints -> SFT warm-up
-    -> GRPO training loop -> main
+    -> NPO (injection, Q / V / S, triggers, ring buffer, intervention) -> training loop -> main
+
+NPO in one paragraph: GRPO learns only from what the policy samples. NPO borrows from the policy's
+own near future: train ahead Delta steps, roll back, and use the later checkpoint theta_t as the
+*guide*. For prompts whose on-policy group accuracy is below 0.6, one incorrect sample is replaced
+by a verified-correct guide sample; the GRPO objective stays, with importance ratios against the
+guide's log-probs. A source is judged by Q (on prompts the policy fails, the share it solves) and
+V (the variance of the importance weights); AutoNPO triggers interventions from online signals and
+picks the rollback distance Delta that maximises S = Q / V over a ring buffer of checkpoints.
 
 Run it
     bash run.sh                                             # CPU, embedded default: SFT then GRPO
     python npo.py --mode sft --out runs/sft                 # tiny model, synthetic 3x1 multiplication
     python npo.py --mode grpo --model runs/sft/model --out runs/grpo
-    torchrun --nproc_per_node=2 npo.py --mode grpo --model runs/sft/model   # FSDP2 over gloo (CPU)
-    torchrun --nproc_per_node=8 npo.py --mode grpo --model Qwen/Qwen3-8B \\
+    python npo.py --mode npo --bootstrap_delta 50 --model runs/sft/model --out runs/npo
+    python npo.py --mode autonpo --model runs/sft/model --out runs/autonpo
+    torchrun --nproc_per_node=2 npo.py --mode autonpo --model runs/sft/model   # FSDP2 over gloo (CPU)
+    torchrun --nproc_per_node=8 npo.py --mode autonpo --model Qwen/Qwen3-8B \\
         --data train.parquet --eval_data test.parquet --lr 1e-6 --max_new_tokens 4096 \\
-        --prompts_per_step 256 --minibatch_size 512 --micro_batch_size 4 --grad_ckpt
+        --prompts_per_step 256 --minibatch_size 1024 --micro_batch_size 4 --grad_ckpt
 
 The embedded default (`--model tiny`, `--data mul`) is the same code as a real run: a ~1M-parameter
 Qwen3ForCausalLM built from a config with a character-level tokenizer, saved with save_pretrained,
 then loaded back like any hub checkpoint. Nothing is downloaded for it.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -28,12 +37,10 @@ import random
 import shutil
 import socket
 import string
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -764,14 +771,16 @@ def load_checkpoint(path):
 # =============================================================================================
 # Metrics
 # =============================================================================================
-def open_metrics(out, resume_step):
-    """metrics.jsonl, truncated to the steps before `resume_step` on resume (rank 0 only)."""
+def open_metrics(out, resume_at):
+    """metrics.jsonl; on resume, truncated to the records up to `resume_at` compute steps (the
+    optimizer step can go back at an NPO rollback, the compute counter cannot). Rank 0 only."""
     path = os.path.join(out, "metrics.jsonl")
     if dist.get_rank() != 0:
         return None
     lines = []
-    if resume_step is not None and os.path.exists(path):
-        lines = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+    if resume_at is not None and os.path.exists(path):
+        lines = [ln for ln in open(path) if ln.strip()
+                 and (lambda r: r.get("compute_steps", r.get("step", 0)))(json.loads(ln)) <= resume_at]
     f = open(path, "w")
     f.writelines(lines)
     f.flush()
@@ -1288,6 +1297,33 @@ def due_intervention(args, st, step):
     return None
 
 
+def track_step(st, args, step, rec, failed_rows):
+    """Compute counters, the mistake pool and the trigger history after one training step."""
+    st["compute_steps"] += 1
+    st["generated_tokens"] += rec["step_tokens"]
+    st["pool"] = (st["pool"] + [(step, i) for i in failed_rows])[-args.pool_size:]
+    for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]),
+                     ("all_wrong", rec["all_wrong_share"])):
+        st["hist"][key].append(val)
+
+
+def step_line(args, step, rec):
+    ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
+    inj = f" | injected {rec['injected']}" if args.mode != "grpo" else ""
+    return (f"{args.mode} | step {step}/{args.steps} | reward {rec['reward']:.3f} | "
+            f"zero-signal {rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | "
+            f"clip {rec['clipfrac_on']:.3f}{inj} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
+            f"train {rec['train_s']:.2f}s sync {rec['sync_s']:.3f}s{ev}")
+
+
+def intervention_line(args, irec, new_step):
+    head = irec.get("skipped") or (f"roll back to step {new_step} (Delta {irec['delta']}), guide solved "
+                                   f"{irec['guide_solved_share']:.2f} of the replayed prompts")
+    rows = [f"Delta {r['delta']:>3}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}" for r in irec["table"]]
+    return f"{args.mode} | intervention at step {irec['step']} ({irec['reason']}): {head}" + \
+        "".join("\n  " + r for r in rows)
+
+
 def run_rl(args):
     S = setup(args)
     tok = S["tokenizer"]
@@ -1296,7 +1332,7 @@ def run_rl(args):
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.get_rank())  # minibatch shuffles
     start = resume_if_asked(args, S, gen)
     st = S.get("resumed", {}).get("npo") or new_npo_state()
-    metrics = open_metrics(args.out, start if args.resume else None)
+    metrics = open_metrics(args.out, st["compute_steps"] if args.resume else None)
     sync_weights(S["engine"], full_state_dict(S["model"]))
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
@@ -1324,12 +1360,7 @@ def run_rl(args):
         sync_s = time.time() - t
         # ---- Log metrics ------------------------------------------------------------------
         rec = step_metrics(step, batch, roll, stats, args)
-        st["compute_steps"] += 1
-        st["generated_tokens"] += rec["step_tokens"]
-        st["pool"] = (st["pool"] + [(step, i) for i in roll["failed_rows"]])[-args.pool_size:]
-        for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]),
-                         ("all_wrong", rec["all_wrong_share"])):
-            st["hist"][key].append(val)
+        track_step(st, args, step, rec, roll["failed_rows"])
         rec.update(sync_s=sync_s, wall_s=wall0 + time.time() - t0, compute_steps=st["compute_steps"],
                    generated_tokens=st["generated_tokens"])
         step += 1
@@ -1339,12 +1370,7 @@ def run_rl(args):
             rec.update(last_eval, eval_s=time.time() - t)
         write_metrics(metrics, rec)
         if not args.quiet:
-            ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
-            inj = f" | injected {rec['injected']}" if args.mode != "grpo" else ""
-            log0(f"{args.mode} | step {step}/{args.steps} | reward {rec['reward']:.3f} | "
-                 f"zero-signal {rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | "
-                 f"clip {rec['clipfrac_on']:.3f}{inj} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
-                 f"train {rec['train_s']:.2f}s sync {sync_s:.3f}s{ev}")
+            log0(step_line(args, step, rec))
         # ---- NPO / AutoNPO: roll back Delta steps and retrain with theta_t as the guide --------
         due = due_intervention(args, st, step) if args.mode != "grpo" else None
         if due:
@@ -1355,11 +1381,7 @@ def run_rl(args):
             st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too
             st["interventions"] += "skipped" not in irec
             write_metrics(metrics, irec)
-            log0(f"{args.mode} | intervention at step {step} ({due[1]}): " + (
-                irec.get("skipped") or f"roll back to step {new_step} (Delta {irec['delta']}), "
-                f"guide solved {irec['guide_solved_share']:.2f} of the replayed prompts") + "\n  " +
-                "\n  ".join(f"Delta {r['delta']:>3}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}"
-                            for r in irec["table"]))
+            log0(intervention_line(args, irec, new_step))
             step = new_step
         if args.save_every and step % args.save_every == 0 and not due:
             save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step, {
