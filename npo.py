@@ -389,7 +389,8 @@ def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad
 
     Returns a flat list, prompt-major (prompt i, sample j at i*n + j), of
     (response_ids, sampling_logps): the per-token log-probs are log softmax(logits / T) of the
-    sampled tokens, the behaviour log-probs that importance ratios are taken against.
+    sampled tokens, the behaviour log-probs that importance ratios are taken against (with
+    top_p < 1 they are those of the untruncated distribution, as the trainer computes them).
     temperature 0 means greedy (log-probs then at T = 1)."""
     from transformers import GenerationConfig
     model = engine["model"]
@@ -1171,10 +1172,9 @@ def intervene(S, args, ring, t, deltas, pool, reason):
     restore_snapshot(ring_get(ring, s), S["model"], S["optim"], S["sched"], rng=False)
     ring_truncate(ring, s)
     sync_weights(S["engine"], full_state_dict(S["model"]))
-    rec["guide_tokens_generated"] += n_tok2
-    rec["guide_solved_share"] = all_reduce_sum([sum(bool(v) for v in guide_pool.values()),
-                                                len(guide_pool)], S["device"])
-    rec["guide_solved_share"] = rec["guide_solved_share"][0] / max(rec["guide_solved_share"][1], 1)
+    rec["guide_tokens_generated"] += n_tok2  # this rank's; the caller sums over ranks
+    solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
+    rec["guide_solved_share"] = solved / max(total, 1)
     return s, guide_pool, rec
 
 
@@ -1375,7 +1375,8 @@ def run_rl(args):
         due = due_intervention(args, st, step) if args.mode != "grpo" else None
         if due:
             new_step, st["guide"], irec = intervene(S, args, st["ring"], step, due[0], st["pool"], due[1])
-            st["generated_tokens"] += int(all_reduce_sum([irec["guide_tokens_generated"]], S["device"])[0])
+            irec["guide_tokens_generated"] = int(all_reduce_sum([irec["guide_tokens_generated"]], S["device"])[0])
+            st["generated_tokens"] += irec["guide_tokens_generated"]
             irec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"],
                         wall_s=wall0 + time.time() - t0)
             st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too

@@ -673,7 +673,8 @@ def test_autonpo_single_process(sft_model, tmp_path):
 
 
 def test_npo_and_autonpo_torchrun_two_ranks(sft_model, tmp_path):
-    for mode_args in (["--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2"], AUTONPO):
+    for mode_args in (["--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2", "--guide_ratio", "shape"],
+                      AUTONPO + ["--guide_ratio", "none"]):
         out = str(tmp_path / mode_args[1])
         run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO,
              *mode_args, "--model", sft_model, "--out", out, "--steps", "5"])
