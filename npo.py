@@ -161,7 +161,10 @@ def is_embedded(model):
     if model == "tiny":
         return True
     cfg = os.path.join(model, "config.json")
-    return os.path.isfile(cfg) and json.load(open(cfg)).get("npo_embedded", False)
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg) as f:
+        return bool(json.load(f).get("npo_embedded", False))
 
 
 def resolve_defaults(args, p):
@@ -212,6 +215,12 @@ def setup_distributed():
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
                                     world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def collective_device():
+    """Where tensors for collectives live: the current GPU under nccl, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
 
 
 def all_reduce_sum(values, device):
@@ -660,13 +669,8 @@ def evaluate(engine, tokenizer, rows, prompts, args):
         sampled = generate(engine, my_prompts, k, args.temperature, args.top_p, args.max_new_tokens,
                            eos, pad, args.gen_batch_size)
         s = sum(score_responses(tokenizer, my_rows, sampled, k))
-    g, s, n = all_reduce_sum([g, s, len(mine)], device_of(engine))
+    g, s, n = all_reduce_sum([g, s, len(mine)], collective_device())
     return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n)}
-
-
-def device_of(engine):
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
 
 # =============================================================================================
@@ -705,11 +709,17 @@ def take_snapshot(model, optim, sched, step, extra=None):
 
 
 @torch.no_grad()
-def restore_snapshot(snap, model, optim, sched, rng=True):
-    """Load a snapshot back into live objects; returns its step."""
-    params = dict(model.state_dict())
+def load_weights(snap, model):
+    """Only the model shards of a snapshot (also used to score trajectories at a past checkpoint)."""
+    params = model.state_dict()
     for name, saved in snap["model"].items():
         params[name].copy_(_like(saved, params[name]))
+
+
+@torch.no_grad()
+def restore_snapshot(snap, model, optim, sched, rng=True):
+    """Load a snapshot back into live objects; returns its step."""
+    load_weights(snap, model)
     osd = snap["optim"]
     order = [p for g in optim.param_groups for p in g["params"]]
     state = {}
@@ -1070,14 +1080,6 @@ def ring_truncate(ring, step):
         _ring_drop(e)
 
 
-@torch.no_grad()
-def load_weights(snap, model):
-    """Only the model shards of a snapshot (for measuring V at a past checkpoint)."""
-    params = model.state_dict()
-    for name, saved in snap["model"].items():
-        params[name].copy_(_like(saved, params[name]))
-
-
 def sample_guide(S, args, rows_idx):
     """m samples per prompt from the engine (which holds the guide, theta_t), verified.
     Returns ({row: [correct (ids, logps)]}, {row: solved}, generated tokens)."""
@@ -1240,7 +1242,7 @@ def step_metrics(step, batch, roll, stats, args):
             "gen_tokens"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
              **{k: v for k, v in roll.items() if k != "failed_rows"}, **stats}
-    tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], device_of(None))))
+    tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], collective_device())))
     world, n_opt = dist.get_world_size(), max(1, stats["optimizer_steps"])
     rec = {
         "step": step + 1,
