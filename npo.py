@@ -626,7 +626,7 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
                 loss, st = policy_loss(
                     logp, take("old_logp"), take("advantages"), take("loss_mask"), args.clip_low,
                     args.clip_high, args.loss_agg, denom, take("guide_mask"), take("guide_logp"),
-                    getattr(args, "guide_ratio", "clip"), take("is_weight"))
+                    args.guide_ratio, take("is_weight"))
                 if args.kl_coef > 0:
                     kl = aggregate(kl_k3(logp, take("ref_logp")), take("loss_mask"), args.loss_agg, denom)
                     loss = loss + args.kl_coef * kl

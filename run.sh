@@ -11,7 +11,7 @@ mode="${1:-main}"; shift || true
 PY=.venv/bin/python
 
 setup() {
-  if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
+  if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
     echo "== set-up: python venv in .venv, packages from requirements.txt"
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
