@@ -389,7 +389,7 @@ def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
 # =============================================================================================
 # Rollout engine: three functions (make_engine, sync_weights, generate) over two back ends.
 #   vllm: a colocated vLLM engine on every rank (TP=1, torchrun's process group reused through
-#         vLLM's external launcher); weights pushed in after every optimizer step; on GPU its
+#         vLLM's external launcher); weights pushed in after every training step; on GPU its
 #         memory is handed to the trainer between rollouts (sleep level 1 / wake up).
 #   hf:   an unsharded transformers copy of the policy and HF generate (no extra packages).
 # Both return the tokens and the per-token log-probs of the distribution actually sampled from.
