@@ -511,33 +511,22 @@ def world_of_one(tiny_model, tmp_path_factory):
     return path, args
 
 
-def test_engine_logprobs_equal_trainer_logprobs(world_of_one):
+def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
+    """The HF engine's log-probs: with top_p = 1 they equal the trainer's recomputed log-probs
+    (logits / T); with top_p < 1 they are the distribution it sampled from, renormalised over the
+    nucleus (the smallest top set with mass >= top_p), checked against a float64 reference."""
     path, args = world_of_one
     dev = torch.device("cpu")
     tok = npo.load_tokenizer(path)
     model = npo.load_policy(path, args, dev)
     engine = npo.make_engine(path, args, dev)
     npo.sync_weights(engine, model)
-    rows = npo_data.make_task("mul", n_train=10, n_eval=0)[0]
-    prompts = npo.encode_prompts(tok, rows, 128, "t")
+    prompts = npo.encode_prompts(tok, npo_data.make_task("mul", n_train=10, n_eval=0)[0], 128, "t")
     samples = npo.generate(engine, prompts, 3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
     batch = npo.make_batch(prompts, samples, 3, tok.pad_token_id)
     lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
     m = batch["resp_mask"].bool()
     assert (lp[m] - batch["behav_logp"][m]).abs().max().item() < 1e-5
-
-
-def test_engine_logprobs_are_the_nucleus_distribution_with_top_p(world_of_one):
-    """With top_p < 1 the engine reports the distribution it sampled from: logits / T renormalised
-    over the nucleus (the smallest top set with mass >= top_p). Reference: float64 from the
-    trainer's logits, token by token."""
-    path, args = world_of_one
-    dev = torch.device("cpu")
-    tok = npo.load_tokenizer(path)
-    model = npo.load_policy(path, args, dev)
-    engine = npo.make_engine(path, args, dev)
-    npo.sync_weights(engine, model)
-    prompts = npo.encode_prompts(tok, npo_data.make_task("mul", n_train=6, n_eval=0)[0], 128, "t")
     samples = npo.generate(engine, prompts, 2, 0.9, 0.6, 6, tok.eos_token_id, tok.pad_token_id)
     errors = nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, tok.pad_token_id)
     assert len(errors) > 10 and max(errors) < 1e-5
