@@ -344,11 +344,12 @@ def load_policy(path, args, device):
 
 def save_hf_model(model, tokenizer, path):
     """save_pretrained of the current policy (rank 0 writes; all ranks gather)."""
-    sd = dict(policy_weights(model, torch.float32))
-    if dist.get_rank() == 0:
+    rank0 = dist.get_rank() == 0  # every rank gathers; rank 0 keeps each full tensor, on the host
+    sd = {k: v.cpu() for k, v in policy_weights(model, torch.float32) if rank0}
+    if rank0:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict={k: v.detach().cpu() for k, v in sd.items()})
+        model.save_pretrained(tmp, state_dict=sd)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
