@@ -189,7 +189,7 @@ def resolve_defaults(args, p):
     args.prompts_per_step = args.prompts_per_step or pick(32, 256)
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
     args.sft_steps = args.sft_steps or 600
-    args.rollout = pick_rollout(args)
+    args.rollout = pick_rollout(args.rollout, tiny, args.max_new_tokens)
     if args.mode == "npo" and not (args.bootstrap_delta or args.breakthrough_at):
         p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
     if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
@@ -399,13 +399,13 @@ VLLM_CPU_ENV = {  # without these, each CPU engine grabs ~20 GiB of KV cache and
     "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TORCHDYNAMO_DISABLE": "1"}
 
 
-def pick_rollout(args):
+def pick_rollout(rollout, tiny, max_new_tokens):
     """--rollout auto: vLLM when installed (vllm on GPU, vllm-cpu on CPU), except for the embedded
     default with short answers, where vLLM's fixed cost per engine step outweighs a whole HF
     generate call (README, "Rollout engines": the two measured side by side)."""
-    if args.rollout != "auto":
-        return args.rollout
-    if is_embedded(args.model) and args.max_new_tokens <= 32:
+    if rollout != "auto":
+        return rollout
+    if tiny and max_new_tokens <= 32:
         return "hf"
     return "vllm" if importlib.util.find_spec("vllm") else "hf"
 
@@ -1373,9 +1373,8 @@ def train_step(S, args, batch, gen):
     old, ent = recompute_logprobs(S["model"], batch, args.temperature, args.micro_batch_size, S["device"])
     batch["old_logp"] = old
     on_policy = batch["resp_mask"] * (1 - batch["guide_mask"]) if "guide_mask" in batch else batch["resp_mask"]
-    batch["is_weight"], tis = tis_weights(old, batch["behav_logp"], on_policy, args.tis_cap or math.inf)
-    if not args.tis_cap:
-        batch["is_weight"] = None  # off; the mismatch is still measured and logged
+    weight, tis = tis_weights(old, batch["behav_logp"], on_policy, args.tis_cap or math.inf)
+    batch["is_weight"] = weight if args.tis_cap else None  # off: still measured and logged
     if args.kl_coef > 0:
         batch["ref_logp"], _ = recompute_logprobs(S["ref"], batch, args.temperature,
                                                   args.micro_batch_size, S["device"], entropy=False)
@@ -1400,8 +1399,8 @@ def step_metrics(step, batch, roll, stats, args):
     extremes = ["on_ratio", "guide_ratio", "tis_ratio"]
     ext = all_reduce_max([stats.get(f"{k}_max", -math.inf) for k in extremes]
                          + [-stats.get(f"{k}_min", math.inf) for k in extremes], collective_device())
-    hi = dict(zip(extremes, ext[:3]))
-    lo = dict(zip(extremes, [-x for x in ext[3:]]))
+    hi = dict(zip(extremes, ext[:len(extremes)]))
+    lo = dict(zip(extremes, [-x for x in ext[len(extremes):]]))
     world, n_opt = dist.get_world_size(), max(1, stats["optimizer_steps"])
     rec = {
         "step": step + 1,
