@@ -3,7 +3,8 @@
 One file, read top to bottom in the order data flows:
     args -> distributed setup -> model and tokenizer -> data -> rollout engine -> rewards
     -> advantages and loss -> training step -> evaluation -> checkpoints -> SFT warm-up
-    -> NPO (injection, Q / V / S, triggers, ring buffer, intervention) -> training loop -> main
+    -> NPO (injection, Q / V / S, sources, triggers, ring buffer, intervention) -> training loop
+    -> report (the comparison's results.json and plots) -> main
 
 NPO in one paragraph: GRPO learns only from what the policy samples. NPO borrows from the policy's
 own near future: train ahead Delta steps, roll back, and use the later checkpoint theta_t as the
@@ -14,11 +15,12 @@ V (the variance of the importance weights); AutoNPO triggers interventions from 
 picks the rollback distance Delta that maximises S = Q / V over a ring buffer of checkpoints.
 
 Run it
-    bash run.sh                                             # CPU, embedded default: SFT then GRPO
+    bash run.sh                     # CPU, embedded default: SFT, then GRPO vs NPO vs AutoNPO, 3 seeds, plots
     python npo.py --mode sft --out runs/sft                 # tiny model, synthetic 3x1 multiplication
     python npo.py --mode grpo --model runs/sft/model --out runs/grpo
     python npo.py --mode npo --bootstrap_delta 50 --model runs/sft/model --out runs/npo
     python npo.py --mode autonpo --model runs/sft/model --out runs/autonpo
+    python npo.py --mode npo --guide_source external --model runs/sft/model   # LUFFY-like source instead
     torchrun --nproc_per_node=2 npo.py --mode autonpo --model runs/sft/model   # FSDP2 over gloo (CPU)
     torchrun --nproc_per_node=8 npo.py --mode autonpo --model Qwen/Qwen3-8B \\
         --data train.parquet --eval_data test.parquet --lr 1e-6 --max_new_tokens 4096 \\
@@ -128,6 +130,14 @@ def parse_args(argv=None):
                    help="guide tokens: clip = pi_theta/pi_guide clipped; none = ratio to the recomputed "
                         "old policy (RLEP); shape = LUFFY's p/(p+0.1)")
     g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (for injection and Q)")
+    g.add_argument("--guide_source", default="future", choices=["future", "past", "external"],
+                   help="where injected samples come from. future: the near-future checkpoint theta_t "
+                        "(NPO, with rollbacks); past: the policy's own earlier successes on the prompt "
+                        "(replay, ExGRPO/RLEP-like); external: the task's reference solutions as a "
+                        "deterministic teacher, pi_source = 1 (LUFFY-like). past and external inject "
+                        "into failing groups at every step and never roll back (--mode npo)")
+    g.add_argument("--replay_size", type=int, default=4096,
+                   help="past successes kept per rank (the 'past' source, and its Q / V at interventions)")
     g.add_argument("--bootstrap_delta", type=int, default=0,
                    help="npo: early bootstrapping: train Delta steps, roll back to 0, retrain with theta_Delta as guide")
     g.add_argument("--breakthrough_at", type=int, default=0,
@@ -190,7 +200,10 @@ def resolve_defaults(args, p):
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
     args.sft_steps = args.sft_steps or 600
     args.rollout = pick_rollout(args.rollout, tiny, args.max_new_tokens)
-    if args.mode == "npo" and not (args.bootstrap_delta or args.breakthrough_at):
+    if args.guide_source != "future" and (args.mode != "npo" or args.bootstrap_delta or args.breakthrough_at):
+        p.error(f"--guide_source {args.guide_source} injects at every step without rollbacks: use it with "
+                "--mode npo and no --bootstrap_delta / --breakthrough_at")
+    if args.mode == "npo" and args.guide_source == "future" and not (args.bootstrap_delta or args.breakthrough_at):
         p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
     if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
         p.error("--breakthrough_delta must be in 1..--breakthrough_at")
@@ -1002,8 +1015,21 @@ def setup(args):
          f"params) | data {args.data}: {len(train_rows)} train, {len(eval_rows)} eval | "
          f"{world} rank(s) on {device.type} | rollout {args.rollout}")
     return dict(rank=rank, world=world, device=device, path=path, tokenizer=tokenizer, model=model,
+                params=sum(p.numel() for p in model.parameters()),
                 optim=optim, sched=sched, engine=engine, train_rows=train_rows, eval_rows=eval_rows,
                 train_prompts=train_prompts, eval_prompts=eval_prompts)
+
+
+# dense bf16 peak FLOP/s per GPU, for MFU
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def device_peak(device):
+    """{'device': name, 'peak_flops': dense bf16 peak or None} for this rank's device."""
+    if device.type != "cuda":
+        return {"device": "cpu", "peak_flops": None}
+    name = torch.cuda.get_device_name(device)
+    return {"device": name, "peak_flops": next((v for k, v in PEAK_BF16.items() if k in name), None)}
 
 
 def resume_if_asked(args, S, gen=None):
@@ -1236,8 +1262,8 @@ def ring_truncate(ring, step):
 
 
 def sample_guide(S, args, rows_idx):
-    """m samples per prompt from the engine (which holds the guide, theta_t), verified.
-    Returns ({row: [correct (ids, logps)]}, {row: solved}, generated tokens)."""
+    """The 'future' source: m samples per prompt from the engine (which holds the guide, theta_t),
+    verified. Returns ({row: [correct (ids, logps)]}, generated tokens)."""
     tok, m = S["tokenizer"], args.guide_samples
     rows_idx = sorted(set(rows_idx))
     samples = generate(S["engine"], [S["train_prompts"][i] for i in rows_idx], m, args.temperature,
@@ -1245,7 +1271,31 @@ def sample_guide(S, args, rows_idx):
     rewards = score_responses(tok, [S["train_rows"][i] for i in rows_idx], samples, m)
     correct = {i: [samples[k * m + j] for j in range(m) if rewards[k * m + j] >= 1]
                for k, i in enumerate(rows_idx)}
-    return correct, {i: bool(c) for i, c in correct.items()}, sum(len(ids) for ids, _ in samples)
+    return correct, sum(len(ids) for ids, _ in samples)
+
+
+def past_solutions(replay, rows_idx, m, before=None):
+    """The 'past' source (replay, ExGRPO / RLEP-like): each row's newest (at most m) correct
+    on-policy samples recorded before step `before` (all when None), with their sampling log-probs.
+    replay: (step, row, ids, logps) in the order they were recorded."""
+    out = {i: [] for i in rows_idx}
+    for step, row, ids, lps in reversed(replay):
+        if row in out and (before is None or step < before) and len(out[row]) < m:
+            out[row].append((ids, lps))
+    return out
+
+
+def reference_solutions(S, rows_idx):
+    """The 'external' source (LUFFY-like): each row's reference solution from the data, tokenized
+    as the SFT warm-up writes it, with log pi_source = 0 on every token: a deterministic teacher
+    whose own probabilities are unknown, which is how LUFFY treats its teacher's tokens. Rows whose
+    reference the verifier rejects get none."""
+    tok = S["tokenizer"]
+    rows_idx = sorted(set(rows_idx))
+    sols = [tok(npo_data.sft_response(S["train_rows"][i]), add_special_tokens=False)["input_ids"]
+            + [tok.eos_token_id] for i in rows_idx]
+    ok = score_responses(tok, [S["train_rows"][i] for i in rows_idx], [(ids, None) for ids in sols], 1)
+    return {i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(rows_idx, sols, ok)}
 
 
 @torch.no_grad()
@@ -1267,49 +1317,61 @@ def sequence_logprobs_padded(model, batch, args, device):
     return torch.cat(out) if out else None
 
 
-def qvs_table(S, args, ring, t, candidates, pool):
-    """Q(Delta), V(Delta), S(Delta) for guide theta_t against each ring snapshot s = t - Delta.
+def source_qv(S, args, solutions, q_rows):
+    """Q, V and S of one source for the policy now loaded in the trainer (all ranks together).
+    solutions: {row: [correct (ids, source logps)]} on every pool row of this rank; Q counts the
+    rows in q_rows with at least one, V weighs every trajectory by pi_policy / pi_source."""
+    device = S["device"]
+    rows = [r for r in sorted(solutions) for _ in solutions[r]]
+    traj = [x for r in sorted(solutions) for x in solutions[r]]
+    batch = make_batch([S["train_prompts"][r] for r in rows], traj, 1, S["tokenizer"].pad_token_id) if traj else None
+    lp = sequence_logprobs_padded(S["model"], batch, args, device)
+    mom = variance_cost(lp, batch["behav_logp"], batch["resp_mask"])[2] if traj else [0.0] * 6
+    tot = all_reduce_sum([sum(bool(solutions.get(r)) for r in q_rows), len(q_rows), *mom], device)
+    q = tot[0] / tot[1] if tot[1] else 0.0
+    v_seq, v_tok = variance_from_moments(tot[2:])
+    return {"Q": q, "V": v_seq, "V_token": v_tok, "S": effective_signal(q, v_seq, args.v_floor),
+            "pool_prompts": int(tot[1]), "trajectories": int(tot[2])}
 
-    Q: the mistake-pool prompts failed in [s, s + ring_every) (what the policy at s got wrong),
-       sampled m times from the guide; the share with a correct sample.
-    V: the guide's correct trajectories on the whole pool, scored by theta_s (snapshot loaded into
-       the trainer, one forward pass) against the guide's own sampling log-probs.
-    All ranks combine their counts, so every rank picks the same Delta. The engine keeps theta_t
-    throughout; the trainer's weights are left at theta_s of the last candidate (the caller
-    restores what it chooses)."""
-    device, tok = S["device"], S["tokenizer"]
+
+def qvs_table(S, args, ring, t, candidates, pool, replay):
+    """Q, V and S of each source for the learner at each ring snapshot s = t - Delta.
+
+    The learner theta_s is the snapshot, loaded into the trainer. Its failures are the mistake-pool
+    prompts failed in [s, s + ring_every); Q is the share of them a source solves, V the variance
+    of the learner / source weights over the source's correct trajectories on the whole pool.
+    Sources: future = the guide theta_t (m samples per prompt from the engine, which keeps theta_t
+    throughout), past = the learner's own successes recorded before s, external = the data's
+    reference solutions. Only the future rows choose Delta; the others put NPO's source on the same
+    Q-V map as the baselines'. All ranks combine counts, so every rank picks the same Delta. The
+    trainer is left at the last candidate's weights (the caller restores what it chooses)."""
     windows = {s: [r for st, r in pool if s <= st < s + args.ring_every] for s in candidates}
-    rows = [r for w in windows.values() for r in w]
-    correct, solved, n_tok = sample_guide(S, args, rows)
-    traj_rows = [r for r in sorted(correct) for _ in correct[r]]
-    traj = [x for r in sorted(correct) for x in correct[r]]
-    batch = make_batch([S["train_prompts"][r] for r in traj_rows], traj, 1, tok.pad_token_id) if traj else None
+    rows = sorted({r for w in windows.values() for r in w})
+    future, n_tok = sample_guide(S, args, rows)
+    external = reference_solutions(S, rows)
     table = []
     for s in candidates:
         load_weights(ring_get(ring, s), S["model"])
-        lp = sequence_logprobs_padded(S["model"], batch, args, device)
-        mom = variance_cost(lp, batch["behav_logp"], batch["resp_mask"])[2] if batch is not None else [0.0] * 6
-        q_num, q_den = sum(solved[r] for r in windows[s]), len(windows[s])
-        tot = all_reduce_sum([q_num, q_den, *mom], device)
-        q = tot[0] / tot[1] if tot[1] else 0.0
-        v_seq, v_tok = variance_from_moments(tot[2:])
-        table.append({"delta": t - s, "snapshot": s, "Q": q, "V": v_seq, "V_token": v_tok,
-                      "S": effective_signal(q, v_seq, args.v_floor), "pool_prompts": int(tot[1]),
-                      "guide_trajectories": int(tot[2])})
+        for source, sols in (("future", future), ("past", past_solutions(replay, rows, args.guide_samples, s)),
+                             ("external", external)):
+            table.append({"source": source, "delta": t - s, "snapshot": s,
+                          **source_qv(S, args, sols, windows[s])})
     return table, n_tok
 
 
-def intervene(S, args, ring, t, deltas, pool, reason):
+def intervene(S, args, st, t, deltas, reason):
     """Roll back to t - Delta with theta_t as the guide. `deltas`: the candidates (manual NPO: one;
-    AutoNPO: every snapshot in the ring). Measures Q/V/S, picks argmax S, samples the guide's
-    trajectories for the prompts of the steps to be replayed (while the engine still holds theta_t),
-    restores the snapshot and syncs the engine. Returns (new step, guide pool, log record)."""
+    AutoNPO: every snapshot in the ring). Measures Q/V/S, picks argmax S among the future rows,
+    samples the guide's trajectories for the prompts of the steps to be replayed (while the engine
+    still holds theta_t), restores the snapshot, drops what belongs to the abandoned branch (newer
+    ring snapshots and replayed successes) and syncs the engine.
+    Returns (new step, guide pool, log record)."""
+    ring = st["ring"]
     current = take_snapshot(S["model"], S["optim"], S["sched"], t)
     candidates = [t - d for d in deltas if any(e["step"] == t - d for e in ring) and d > 0]
-    table, n_tok = qvs_table(S, args, ring, t, candidates, pool) if candidates else ([], 0)
-    best = select_delta(table)
-    if args.mode == "npo" and table:  # manual NPO rolls back as told; the table is diagnostics
-        best = table[0]
+    table, n_tok = qvs_table(S, args, ring, t, candidates, st["pool"], st["replay"]) if candidates else ([], 0)
+    future = [r for r in table if r["source"] == "future"]
+    best = future[0] if args.mode == "npo" and future else select_delta(future)  # manual NPO: Delta as told
     rec = {"event": "intervention", "step": t, "reason": reason, "table": table,
            "delta": best and best["delta"], "guide_tokens_generated": n_tok}
     if best is None:
@@ -1317,11 +1379,12 @@ def intervene(S, args, ring, t, deltas, pool, reason):
         rec["skipped"] = "no candidate snapshot with signal"
         return t, {}, rec
     s = best["snapshot"]
-    replay = [i for st in range(s, t) for i in prompts_for_step(
-        st, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
-    guide_pool, _, n_tok2 = sample_guide(S, args, replay)
+    replayed = [i for step in range(s, t) for i in prompts_for_step(
+        step, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
+    guide_pool, n_tok2 = sample_guide(S, args, replayed)
     restore_snapshot(ring_get(ring, s), S["model"], S["optim"], S["sched"], rng=False)
     ring_truncate(ring, s)
+    st["replay"] = [e for e in st["replay"] if e[0] < s]
     sync_weights(S["engine"], S["model"])
     rec["guide_tokens_generated"] += n_tok2  # this rank's; the caller sums over ranks
     solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
@@ -1347,6 +1410,7 @@ def rollout(S, args, step, guide=None):
     rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
     t_score = time.time() - t
     failed = rewards.mean(dim=1) < args.gate                     # the mistake pool's entries
+    successes = [(idx[k // G], *samples[k]) for k in range(len(samples)) if rewards.view(-1)[k] >= 1]
     is_guide = torch.zeros(len(samples), dtype=torch.bool)
     if guide:
         samples, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
@@ -1364,7 +1428,7 @@ def rollout(S, args, step, guide=None):
                    "all_wrong": (rewards.max(dim=1).values <= 0).float().sum().item(),
                    "groups": len(rows), "injected": int(is_guide.sum()),
                    "gen_tokens": sum(len(ids) for ids in on_policy),
-                   "failed_rows": [i for i, f in zip(idx, failed.tolist()) if f]}
+                   "failed_rows": [i for i, f in zip(idx, failed.tolist()) if f], "successes": successes}
 
 
 def train_step(S, args, batch, gen):
@@ -1382,6 +1446,7 @@ def train_step(S, args, batch, gen):
     stats.update(tis)
     stats["entropy_sum"] = float((ent * batch["resp_mask"]).sum())
     stats["resp_tokens"] = float(batch["resp_mask"].sum())
+    stats["train_tokens"] = float(batch["attention_mask"].sum())  # per pass over the batch (MFU)
     stats["train_s"] = time.time() - t
     return stats
 
@@ -1392,9 +1457,9 @@ def step_metrics(step, batch, roll, stats, args):
     keys = ["reward_sum", "correct_sum", "n_seq", "zero_signal", "all_wrong", "groups", "entropy_sum",
             "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
             "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum", "injected",
-            "gen_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum"]
+            "gen_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum", "train_tokens"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
-             **{k: v for k, v in roll.items() if k != "failed_rows"}, **stats}
+             **{k: v for k, v in roll.items() if k not in ("failed_rows", "successes")}, **stats}
     tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], collective_device())))
     extremes = ["on_ratio", "guide_ratio", "tis_ratio"]
     ext = all_reduce_max([stats.get(f"{k}_max", -math.inf) for k in extremes]
@@ -1422,7 +1487,7 @@ def step_metrics(step, batch, roll, stats, args):
         "grad_norm": tot["grad_norm_sum"] / (world * n_opt),
         "lr": args.lr,
         "generate_s": roll["generate_s"], "score_s": roll["score_s"], "train_s": stats["train_s"],
-        "step_tokens": int(tot["gen_tokens"]),
+        "step_tokens": int(tot["gen_tokens"]), "train_tokens": int(tot["train_tokens"]),
     }
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=tot["guide_clipfrac_sum"] / tot["guide_tokens"],
@@ -1435,7 +1500,7 @@ def step_metrics(step, batch, roll, stats, args):
 
 def new_npo_state():
     """Everything NPO / AutoNPO carries across steps (saved in checkpoints for --resume)."""
-    return {"ring": [], "pool": [], "guide": {}, "done": [], "interventions": 0,
+    return {"ring": [], "pool": [], "replay": [], "guide": {}, "done": [], "interventions": 0,
             "hist": {"reward": [], "entropy": [], "all_wrong": []},
             "compute_steps": 0, "generated_tokens": 0, "last_intervention": 0}
 
@@ -1460,14 +1525,28 @@ def due_intervention(args, st, step):
     return None
 
 
-def track_step(st, args, step, rec, failed_rows):
-    """Compute counters, the mistake pool and the trigger history after one training step."""
+def track_step(st, args, step, rec, roll):
+    """Compute counters, the mistake pool, the replay of past successes and the trigger history
+    after one training step."""
     st["compute_steps"] += 1
     st["generated_tokens"] += rec["step_tokens"]
-    st["pool"] = (st["pool"] + [(step, i) for i in failed_rows])[-args.pool_size:]
+    st["pool"] = (st["pool"] + [(step, i) for i in roll["failed_rows"]])[-args.pool_size:]
+    st["replay"] = (st["replay"] + [(step, *x) for x in roll["successes"]])[-args.replay_size:]
     for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]),
                      ("all_wrong", rec["all_wrong_share"])):
         st["hist"][key].append(val)
+
+
+def step_guide(S, args, st, step):
+    """The guide samples on offer to this step's failing groups: the near-future guide's (set by
+    the last intervention), or those of the past / external source for this step's prompts."""
+    if args.guide_source == "future":
+        return st["guide"]
+    idx = prompts_for_step(step, len(S["train_rows"]), args.prompts_per_step, args.seed,
+                           dist.get_rank(), dist.get_world_size())
+    if args.guide_source == "past":
+        return past_solutions(st["replay"], idx, args.guide_samples)
+    return reference_solutions(S, idx)
 
 
 def step_line(args, step, rec):
@@ -1482,7 +1561,8 @@ def step_line(args, step, rec):
 def intervention_line(args, irec, new_step):
     head = irec.get("skipped") or (f"roll back to step {new_step} (Delta {irec['delta']}), guide solved "
                                    f"{irec['guide_solved_share']:.2f} of the replayed prompts")
-    rows = [f"Delta {r['delta']:>3}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}" for r in irec["table"]]
+    rows = [f"Delta {r['delta']:>3} {r['source']:>8}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}"
+            for r in irec["table"]]
     return f"{args.mode} | intervention at step {irec['step']} ({irec['reason']}): {head}" + \
         "".join("\n  " + r for r in rows)
 
@@ -1498,7 +1578,8 @@ def run_rl(args, S):
     sync_weights(S["engine"], S["model"])
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
-        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base})
+        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base,
+                                "params": S["params"], **device_peak(S["device"])})
     else:  # evaluating again would draw from the restored RNG and change the next steps
         base = S["resumed"]["base_eval"]
     log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
@@ -1508,12 +1589,12 @@ def run_rl(args, S):
     wall0 = S.get("resumed", {}).get("wall_s", 0.0)
     while step < args.steps:
         # ---- Checkpoint ring buffer (NPO / AutoNPO) ------------------------------------------
-        if args.mode != "grpo" and (step % args.ring_every == 0 or step in needed) \
+        if args.mode != "grpo" and args.guide_source == "future" and (step % args.ring_every == 0 or step in needed) \
                 and not any(e["step"] == step for e in st["ring"]):
             ring_push(st["ring"], take_snapshot(S["model"], S["optim"], S["sched"], step),
                       args.ring_size, args.ring_dir)
         # ---- Generate episodes (with guide samples injected into failing groups) --------------
-        batch, roll = rollout(S, args, step, st["guide"])
+        batch, roll = rollout(S, args, step, step_guide(S, args, st, step) if args.mode != "grpo" else None)
         engine_sleep(S["engine"])  # GPU: the engine's memory goes to the trainer until the sync
         # ---- Training ----------------------------------------------------------------------
         stats = train_step(S, args, batch, gen)
@@ -1523,9 +1604,10 @@ def run_rl(args, S):
         sync_s = time.time() - t
         # ---- Log metrics ------------------------------------------------------------------
         rec = step_metrics(step, batch, roll, stats, args)
-        track_step(st, args, step, rec, roll["failed_rows"])
+        track_step(st, args, step, rec, roll)
         rec.update(sync_s=sync_s, wall_s=wall0 + time.time() - t0, compute_steps=st["compute_steps"],
-                   generated_tokens=st["generated_tokens"])
+                   generated_tokens=st["generated_tokens"],  # model FLOPs: 2N per token forward, 6N train
+                   train_flops=rec["train_tokens"] * S["params"] * (2 + 6 * args.ppo_epochs + 2 * (args.kl_coef > 0)))
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
@@ -1537,7 +1619,7 @@ def run_rl(args, S):
         # ---- NPO / AutoNPO: roll back Delta steps and retrain with theta_t as the guide --------
         due = due_intervention(args, st, step) if args.mode != "grpo" else None
         if due:
-            new_step, st["guide"], irec = intervene(S, args, st["ring"], step, due[0], st["pool"], due[1])
+            new_step, st["guide"], irec = intervene(S, args, st, step, due[0], due[1])
             irec["guide_tokens_generated"] = int(all_reduce_sum([irec["guide_tokens_generated"]], S["device"])[0])
             st["generated_tokens"] += irec["guide_tokens_generated"]
             irec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"],
@@ -1558,6 +1640,287 @@ def run_rl(args, S):
                f"eval_mean@{k}_start": base[f"eval_mean@{k}"], f"eval_mean@{k}_end": last_eval[f"eval_mean@{k}"],
                "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}
     finish(args, S, summary)
+
+
+# =============================================================================================
+# Report: the comparison that run.sh makes (one directory per method and seed, named
+# <method>_seed<k>, each with its metrics.jsonl) -> results.json, a printed table, curves.png and
+# qvs.png. Reads only metrics files, so it can be rerun on any finished (or partial) comparison.
+# =============================================================================================
+# two-sided 95% Student t quantiles t_{0.975, df}; beyond df = 30 the normal 1.96 is within 4%
+T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+                       2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+                       2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042], start=1))
+PAPER = {"grpo": 57.88, "npo": 62.84, "autonpo": 63.15, "early_speedup": 2.1,
+         "setting": "Qwen3-VL-8B-Instruct, average of 8 multimodal reasoning benchmarks"}
+
+
+def mean_ci95(xs):
+    """(mean, half-width of the 95% t-interval) of a sample; half-width 0 for one value."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None, None
+    n, m = len(xs), sum(xs) / len(xs)
+    if n == 1:
+        return m, 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    t = T975.get(n - 1, 1.96)
+    return m, t * sd / math.sqrt(n)
+
+
+def eval_points(records, axis):
+    """[(x, held-out greedy accuracy, wall_s)] of one run. axis 'compute_steps': every evaluation in
+    the order it happened. axis 'step': the surviving branch only (a rollback retrains steps, and
+    the later evaluation of a step replaces the earlier one)."""
+    pts = [(r.get(axis, r["step"]), r["eval_greedy"], r.get("wall_s", 0.0))
+           for r in records if "eval_greedy" in r and "event" not in r]
+    if axis == "step":
+        pts = sorted({x: (x, a, w) for x, a, w in pts}.values())
+    return pts
+
+
+def first_reach(records, target):
+    """Optimizer step, compute steps and wall-clock seconds of the first evaluation at or above
+    `target` on the surviving branch (None when the run never gets there)."""
+    by_step = {x: (x, a) for x, a, _ in eval_points(records, "step")}
+    for r in records:
+        if "eval_greedy" in r and "event" not in r and r["eval_greedy"] >= target - 1e-12 \
+                and by_step.get(r["step"], (0, -1))[1] == r["eval_greedy"]:
+            return {"step": r["step"], "compute_steps": r.get("compute_steps", r["step"]), "wall_s": r.get("wall_s", 0.0)}
+    return None
+
+
+def load_comparison(root):
+    """{method: {seed: metrics records}} from root/<method>_seed<k>/metrics.jsonl."""
+    runs = {}
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d, "metrics.jsonl")
+        if "_seed" in d and os.path.isfile(path):
+            method, seed = d.rsplit("_seed", 1)
+            runs.setdefault(method, {})[int(seed)] = [json.loads(ln) for ln in open(path) if ln.strip()]
+    order = ["grpo", "npo", "autonpo", "past", "external"]
+    return dict(sorted(runs.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
+
+
+def summarize_comparison(runs, baseline="grpo"):
+    """Per method, mean and 95% CI over seeds of: final held-out greedy accuracy; optimizer steps,
+    compute steps and seconds to reach the baseline's mean final accuracy; total compute;
+    interventions and injected samples. Plus the Q / V / S claims over every intervention table."""
+    final = lambda rec: [r for r in rec if "eval_greedy" in r and "event" not in r][-1]  # noqa: E731
+    target = mean_ci95([final(rec)["eval_greedy"] for rec in runs[baseline].values()])[0]
+    out = {"baseline": baseline, "target_greedy": target, "methods": {}}
+    for method, seeds in runs.items():
+        reach = {k: first_reach(rec, target) for k, rec in seeds.items()}
+        last = {k: [r for r in rec if "event" not in r][-1] for k, rec in seeds.items()}
+        ci = lambda xs: dict(zip(("mean", "ci95"), mean_ci95(xs)))  # noqa: E731
+        out["methods"][method] = {
+            "seeds": sorted(seeds),
+            "final_greedy": {**ci([final(rec)["eval_greedy"] for rec in seeds.values()]),
+                             "per_seed": [final(seeds[k])["eval_greedy"] for k in sorted(seeds)]},
+            "reached_target": sum(v is not None for v in reach.values()),
+            **{f"{key}_to_target": ci([v[key] for v in reach.values() if v]) for key in ("step", "compute_steps", "wall_s")},
+            "steps": ci([r["step"] for r in last.values()]),
+            "compute_steps": ci([r.get("compute_steps", r["step"]) for r in last.values()]),
+            "wall_s": ci([r.get("wall_s", 0.0) for r in last.values()]),
+            "generated_tokens": ci([r.get("generated_tokens", 0) for r in last.values()]),
+            "interventions": ci([sum(1 for r in rec if r.get("event") == "intervention" and "skipped" not in r)
+                                 for rec in seeds.values()]),
+            "injected": ci([sum(r.get("injected", 0) for r in rec if "event" not in r) for rec in seeds.values()]),
+        }
+    out["qvs"] = qvs_claims(runs)
+    out["claims"] = paper_claims(out)
+    return out
+
+
+def qvs_claims(runs):
+    """Over every intervention with at least three candidate Deltas: how often S(Delta) of the
+    near-future source peaks at an interior Delta, and how often, for the learner snapshot it
+    chose, the near-future source has a higher S than the past and external sources."""
+    tables, interior, best_source = [], 0, 0
+    for method, seeds in runs.items():
+        for seed, rec in seeds.items():
+            for r in rec:
+                if r.get("event") != "intervention" or not r.get("table"):
+                    continue
+                fut = sorted((x for x in r["table"] if x["source"] == "future"), key=lambda x: x["delta"])
+                tables.append({"run": f"{method}_seed{seed}", "step": r["step"], "delta": r.get("delta"),
+                               "reason": r["reason"], "table": r["table"]})
+                if len(fut) >= 3:
+                    peak = max(range(len(fut)), key=lambda i: (fut[i]["S"], -i))
+                    interior += 0 < peak < len(fut) - 1
+                chosen = [x for x in r["table"] if x["delta"] == r.get("delta")]
+                if chosen:
+                    s_by = {x["source"]: x["S"] for x in chosen}
+                    best_source += s_by["future"] > max(v for k, v in s_by.items() if k != "future")
+    wide = [t for t in tables if sum(x["source"] == "future" for x in t["table"]) >= 3]
+    return {"interventions": len(tables), "with_3plus_deltas": len(wide), "interior_peak": interior,
+            "future_best_source": best_source, "tables": tables}
+
+
+def paper_claims(out):
+    """The paper's shape, checked on the means: NPO or AutoNPO reaches the baseline's final
+    accuracy in at most half its optimizer steps and in less compute, and ends >= 3 points
+    higher; S(Delta) peaks inside the ring; the near-future source has the highest S."""
+    m, base = out["methods"], out["methods"][out["baseline"]]
+    claims = {}
+    for method in ("npo", "autonpo"):
+        if method not in m:
+            continue
+        r = m[method]
+        all_reached = r["reached_target"] == len(r["seeds"])
+        claims[method] = {
+            "points_above_grpo": 100 * (r["final_greedy"]["mean"] - base["final_greedy"]["mean"]),
+            "step_speedup": all_reached and base["step_to_target"]["mean"] / max(r["step_to_target"]["mean"], 1),
+            "compute_speedup": all_reached and base["compute_steps_to_target"]["mean"] / max(r["compute_steps_to_target"]["mean"], 1),
+        }
+        c = claims[method]
+        c["half_the_steps"] = bool(c["step_speedup"] and c["step_speedup"] >= 2)
+        c["less_compute"] = bool(c["compute_speedup"] and c["compute_speedup"] > 1)
+        c["three_points_higher"] = c["points_above_grpo"] >= 3
+    q = out["qvs"]
+    claims["s_interior_peak"] = f"{q['interior_peak']} of {q['with_3plus_deltas']} interventions"
+    claims["future_highest_s"] = f"{q['future_best_source']} of {q['interventions']} interventions"
+    return claims
+
+
+def comparison_table(summary):
+    """The printed table (also the README's)."""
+    fmt = lambda d, p=3: "-" if d["mean"] is None else f"{d['mean']:.{p}f} ± {d['ci95']:.{p}f}"  # noqa: E731
+    head = ("| method | final greedy acc | steps to GRPO's final | compute steps to it | seconds to it | "
+            "compute steps | seconds | interventions | injected |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for method, r in summary["methods"].items():
+        n = f" ({r['reached_target']}/{len(r['seeds'])} seeds)" if r["reached_target"] < len(r["seeds"]) else ""
+        lines.append(f"| {method} | {fmt(r['final_greedy'])} | {fmt(r['step_to_target'], 0)}{n} | "
+                     f"{fmt(r['compute_steps_to_target'], 0)} | {fmt(r['wall_s_to_target'], 0)} | "
+                     f"{fmt(r['compute_steps'], 0)} | {fmt(r['wall_s'], 0)} | {fmt(r['interventions'], 1)} | "
+                     f"{fmt(r['injected'], 0)} |")
+    return "\n".join(lines)
+
+
+def throughput(records):
+    """Generated tokens/s in the generate phase, trained tokens/s in the train phase (recompute and
+    updates), and the train phase's model FLOP utilisation where the device's peak is known."""
+    steps = [r for r in records if "train_s" in r and "event" not in r]
+    head = next((r for r in records if "params" in r), {})
+    gen_s, train_s = sum(r["generate_s"] for r in steps), sum(r["train_s"] for r in steps)
+    out = {"gen_tokens_per_s": sum(r["step_tokens"] for r in steps) / gen_s if gen_s else None,
+           "train_tokens_per_s": sum(r.get("train_tokens", 0) for r in steps) / train_s if train_s else None,
+           "device": head.get("device"), "params": head.get("params"), "mfu": None}
+    if head.get("peak_flops") and train_s:
+        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / head["peak_flops"]
+    return out
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(runs, path):
+    """Held-out accuracy against optimizer steps and against total compute: one line per method
+    (mean over seeds, band = 95% CI), dotted marks where interventions happened."""
+    import numpy as np
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, axis, label in zip(axes, ("step", "compute_steps"),
+                               ("optimizer step", "total compute (training steps, repeated ones included)")):
+        for i, (method, seeds) in enumerate(runs.items()):
+            color = f"C{i}"
+            curves = [eval_points(rec, axis) for rec in seeds.values()]
+            end = min(c[-1][0] for c in curves)
+            grid = sorted({x for c in curves for x, _, _ in c if x <= end})
+            ys = [np.interp(grid, [x for x, _, _ in c], [a for _, a, _ in c]) for c in curves]
+            stats = [mean_ci95(col) for col in zip(*ys)]
+            mean = np.array([m for m, _ in stats])
+            half = np.array([h for _, h in stats])
+            ax.plot(grid, mean, color=color, label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+            ax.fill_between(grid, mean - half, mean + half, color=color, alpha=0.15, linewidth=0)
+            for rec in seeds.values():
+                for r in rec:
+                    if r.get("event") == "intervention" and "skipped" not in r:
+                        ax.axvline(r["step"] if axis == "step" else r["compute_steps"], color=color,
+                                   linestyle=":", alpha=0.5)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out greedy accuracy")
+    axes[0].legend(loc="lower right")
+    fig.suptitle("held-out accuracy (mean, band = 95% CI over seeds; dotted: interventions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_qvs(qvs, path):
+    """Left: Q, V and S against Delta for each source at the intervention with the most ring
+    snapshots (learner theta_{t-Delta}; the near-future guide is theta_t). Right: the same points
+    on the Q-V plane, dashed lines of equal S = Q / V."""
+    import numpy as np
+    plt = _pyplot()
+    tab = max(qvs["tables"], key=lambda t: (sum(x["source"] == "future" for x in t["table"]), -t["step"]))
+    fig = plt.figure(figsize=(12, 6.5))
+    gs = fig.add_gridspec(3, 2)
+    left = [fig.add_subplot(gs[i, 0]) for i in range(3)]
+    right = fig.add_subplot(gs[:, 1])
+    for i, source in enumerate(("future", "past", "external")):
+        rows = sorted((x for x in tab["table"] if x["source"] == source), key=lambda x: x["delta"])
+        d = [x["delta"] for x in rows]
+        for ax, key in zip(left, ("Q", "V", "S")):
+            pts = [(a, x[key]) for a, x in zip(d, rows) if x[key] is not None and (key == "Q" or x[key] > 0)]
+            ax.plot([a for a, _ in pts], [v for _, v in pts], "o-", color=f"C{i}", label=source)
+        pts = [(x["V"], x["Q"], x["delta"]) for x in rows if x["V"] and x["V"] > 0]
+        right.plot([v for v, _, _ in pts], [q for _, q, _ in pts], "o-", color=f"C{i}", label=source)
+        for v, q, delta in pts if source == "future" else []:
+            right.annotate(f"Δ{delta}", (v, q), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for ax, key in zip(left, ("Q (share of failed prompts solved)", "V (variance of weights)", "S = Q / V")):
+        ax.set_ylabel(key.split(" (")[0] if len(key) > 20 else key, fontsize=9)
+        ax.grid(alpha=0.3)
+    left[1].set_yscale("log")
+    left[2].set_yscale("log")
+    left[2].set_xlabel("Delta (learner = ring snapshot t - Delta, near-future guide = theta_t)")
+    left[0].legend(fontsize=8)
+    right.set_xscale("log")
+    right.xaxis.set_minor_formatter(plt.NullFormatter())  # major decades only: minor labels collide
+    lo, hi = right.get_xlim()
+    v = np.geomspace(lo, hi, 50)
+    for level in (10, 100, 1000):
+        right.plot(v, level * v, "--", color="gray", alpha=0.4, linewidth=0.8)
+        right.annotate(f"S={level}", (v[-1], min(1.0, level * v[-1])), fontsize=7, color="gray")
+    right.set_ylim(-0.02, 1.05)
+    right.set_xlim(lo, hi)
+    right.set_xlabel("V (variance cost)")
+    right.set_ylabel("Q (signal quality)")
+    right.legend()
+    right.grid(alpha=0.3)
+    fig.suptitle(f"Q, V, S at the intervention of {tab['run']} at step {tab['step']} "
+                 f"({tab['reason']}, chose Delta {tab['delta']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(root, command=""):
+    """results.json, the printed table, curves.png and qvs.png for the comparison under `root`."""
+    runs = load_comparison(root)
+    summary = summarize_comparison(runs)
+    summary["throughput"] = {m: throughput(rec) for m, seeds in runs.items() for rec in [seeds[min(seeds)]]}
+    summary.update(command=command, paper=PAPER, machine=f"{os.cpu_count()} CPU cores, " + (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"))
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
+    plot_curves(runs, os.path.join(root, "curves.png"))
+    if summary["qvs"]["tables"]:
+        plot_qvs(summary["qvs"], os.path.join(root, "qvs.png"))
+    print(comparison_table(summary))
+    for method, t in summary["throughput"].items():
+        mfu = f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else ""
+        print(f"{method}: generated {t['gen_tokens_per_s']:.0f} tokens/s, trained {t['train_tokens_per_s']:.0f} tokens/s{mfu}")
+    print("paper's shape: " + json.dumps(summary["claims"]))
+    print(f"paper (Qwen3-VL-8B): GRPO {PAPER['grpo']}, NPO {PAPER['npo']}, AutoNPO {PAPER['autonpo']}, "
+          f"~{PAPER['early_speedup']}x faster early convergence")
+    return summary
 
 
 # =============================================================================================

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (2 CPU cores are enough), and the set-up it needs.
-#   bash run.sh          set up .venv (first time only), SFT warm-up (cached in runs/sft), GRPO,
-#                        then print held-out accuracy of the base and of the GRPO policy
+#   bash run.sh [--seeds 0,1,2] [--quick] [--methods grpo,npo,autonpo,past,external] [--out DIR]
+#                        set up .venv (first time only), SFT warm-up (cached in runs/sft), then the
+#                        paper comparison: GRPO, NPO (bootstrapping + plateau breakthrough) and AutoNPO
+#                        from the same base with the same seeds -> runs/compare/{results.json,
+#                        curves.png, qvs.png} and a printed table. --quick: a 3-minute version (tests)
+#   bash run.sh gpu      the same comparison on one GPU with a Qwen3-0.6B-shaped model built from a
+#                        config (no download), plus generated / trained tokens/s and MFU
 #   bash run.sh setup    only the set-up (what .ci/run does before the tests)
 #   bash run.sh bench    seconds per GRPO step split by phase: HF vs vLLM engine at two sizes, and
 #                        1 process vs torchrun with 2 ranks
-# Extra arguments after the mode go to the GRPO run, e.g.  bash run.sh main --steps 100
+# Flags after the options go to every training run, e.g.  bash run.sh --seeds 0 --lr 5e-5
 set -euo pipefail
 cd "$(dirname "$0")"
-mode="${1:-main}"; shift || true
+mode=main
+case "${1:-}" in main|gpu|setup|bench) mode="$1"; shift ;; esac
 PY=.venv/bin/python
 
 setup() {
@@ -60,23 +66,80 @@ HOOK
 }
 
 sft_base() {
-  # SFT warm-up: the base policy RL starts from (built once, then reused)
-  if [ ! -f runs/sft/summary.json ]; then
-    $PY npo.py --mode sft --out runs/sft --sft_steps 800 --eval_every 200 --eval_samples 0
+  # SFT warm-up: the base policy RL starts from (built once in $1, then reused)
+  local dir="$1" steps="$2"; shift 2
+  if [ ! -f "$dir/summary.json" ]; then
+    $PY npo.py --mode sft --out "$dir" --sft_steps "$steps" --eval_every 200 --eval_samples 0 "$@"
   else
-    echo "== using the cached SFT base in runs/sft (delete runs/sft to rebuild it)"
+    echo "== using the cached SFT base in $dir (delete it to rebuild)"
   fi
 }
 
-main() {
-  sft_base
-  $PY npo.py --mode grpo --model runs/sft/model --out runs/grpo --steps 300 --eval_every 50 "$@"
-  $PY - <<'PY'
-import json
-s = json.load(open("runs/grpo/summary.json"))
-print(f"\nheld-out greedy accuracy on {s['eval_n']} prompts: base (SFT) {s['eval_greedy_start']:.3f}"
-      f" -> GRPO {s['eval_greedy_end']:.3f} ({100 * (s['eval_greedy_end'] - s['eval_greedy_start']):+.1f} points)")
-PY
+compare() {
+  # GRPO, NPO and AutoNPO (and optionally the past / external sources) from one SFT base, every
+  # method with every seed; JOBS runs at a time, each on CPU_THREADS threads (on 2 cores two 1-thread
+  # runs finish 1.3x sooner than one 2-thread run after the other). A finished run is skipped and a
+  # killed one resumes from its checkpoint, so rerunning the command completes a killed comparison.
+  local seeds="" quick=0 out=runs/compare methods=grpo,npo,autonpo
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --seeds) seeds="$2"; shift 2 ;;
+      --quick) quick=1; shift ;;
+      --out) out="$2"; shift 2 ;;
+      --methods) methods="$2"; shift 2 ;;
+      *) break ;;
+    esac
+  done
+  [ -n "$seeds" ] || seeds=$([ $quick = 1 ] && echo 0 || echo 0,1,2)
+  # sizes: full (the README's numbers) and quick (a smoke test of the whole pipeline)
+  local steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 window=15 cool=40 ring=10 sft=runs/sft
+  if [ $quick = 1 ]; then
+    steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 window=4 cool=8 ring=3 sft="$out/sft"
+    SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1)
+  fi
+  sft_base "$sft" $([ $quick = 1 ] && echo 200 || echo 800) "${SFT_FLAGS[@]}"
+  mkdir -p "$out"
+  local common=(--model "$sft/model" --steps $steps --eval_every $ev --eval_size $es --eval_samples 0
+                --ring_every $ring --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}" "$@")
+  declare -A flags=(
+    [grpo]="--mode grpo"
+    [npo]="--mode npo --bootstrap_delta $boot --breakthrough_at $brk_at --breakthrough_delta $brk"
+    [autonpo]="--mode autonpo --trigger_window $window --cooldown $cool --max_interventions 2"
+    [past]="--mode npo --guide_source past"
+    [external]="--mode npo --guide_source external")
+  local jobs=() m seed
+  for seed in ${seeds//,/ }; do
+    for m in ${methods//,/ }; do
+      [ -n "${flags[$m]:-}" ] || { echo "unknown method $m (grpo, npo, autonpo, past, external)"; exit 2; }
+      jobs+=("$m $seed")
+    done
+  done
+  echo "== comparison: ${#jobs[@]} runs (methods $methods, seeds $seeds), ${JOBS:-2} at a time, logs in $out/"
+  local running=0 job
+  for job in "${jobs[@]}"; do
+    read -r m seed <<<"$job"
+    local dir="$out/${m}_seed$seed"
+    if [ -f "$dir/summary.json" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
+    ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py ${flags[$m]} --seed "$seed" --out "$dir" "${common[@]}" \
+        > "$dir.log" 2>&1 && echo "   $m seed $seed: $(tail -1 "$dir.log" | cut -c1-160)" \
+        || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; exit 1; } ) &
+    running=$((running + 1))
+    if [ $running -ge "${JOBS:-2}" ]; then wait -n || exit 1; running=$((running - 1)); fi
+  done
+  while [ $running -gt 0 ]; do wait -n || exit 1; running=$((running - 1)); done
+  $PY -c 'import sys, npo; npo.write_report(sys.argv[1], sys.argv[2])' "$out" "bash run.sh $mode $ARGS"
+  echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
+}
+
+gpu() {
+  # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary) built from
+  # a config, SFT warm-up on the synthetic task, then the comparison with vLLM rollouts, one seed.
+  [ -f runs/gpu/base/config.json ] || $PY -c "import npo; npo.build_tiny('runs/gpu/base', \
+      hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16, \
+      num_key_value_heads=8, head_dim=128)"
+  SFT_FLAGS=(--model runs/gpu/base --lr 1e-4 --sft_batch_size 256)
+  RUN_FLAGS=(--rollout vllm --lr 1e-5 --prompts_per_step 64 --micro_batch_size 128)
+  JOBS=1 CPU_THREADS=8 compare --seeds 0 --out runs/gpu/compare "$@"
 }
 
 bench() {
@@ -85,7 +148,7 @@ bench() {
   #   default: the main job's setting (0.8M model, 32 prompts x 8 samples, <= 8 new tokens), HF and
   #            vLLM engines on 1 process, and HF on torchrun with 2 ranks (gloo, FSDP2);
   #   heavy:   generation-heavy (a 9.5M model built from a config, 64 prompts x 8, 128 new tokens).
-  sft_base
+  sft_base runs/sft 800
   [ -f runs/bench/tiny10m/config.json ] || $PY -c "import npo; npo.build_tiny('runs/bench/tiny10m', \
       hidden_size=256, num_hidden_layers=12, intermediate_size=768, head_dim=64)"
   common="--mode grpo --eval_every 1000 --eval_size 8 --eval_samples 0 --no_save_model --save_every 0 --quiet"
@@ -124,10 +187,13 @@ json.dump(rows, open("runs/bench/bench.json", "w"), indent=1)
 PY
 }
 
+ARGS="$*"
+SFT_FLAGS=() RUN_FLAGS=()
 setup
 case "$mode" in
   setup) ;;
-  main) main "$@" ;;
+  main) compare "$@" ;;
+  gpu) gpu "$@" ;;
   bench) bench ;;
-  *) echo "usage: bash run.sh [main|setup|bench] [grpo flags...]"; exit 2 ;;
+  *) echo "usage: bash run.sh [main|gpu|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
 esac

@@ -270,6 +270,39 @@ def test_q_v_s_on_hand_made_inputs():
     assert npo.effective_signal(0.0, 0.1) == 0.0 and npo.effective_signal(0.3, float("nan")) == 0.0
 
 
+def test_past_solutions_newest_first_before_a_step():
+    replay = [(1, 7, [1], [-0.1]), (2, 8, [2], [-0.2]), (3, 7, [3], [-0.3]), (5, 7, [4], [-0.4]),
+              (6, 7, [5], [-0.5])]
+    got = npo.past_solutions(replay, [7, 8, 9], m=2, before=6)
+    assert got == {7: [([4], [-0.4]), ([3], [-0.3])], 8: [([2], [-0.2])], 9: []}
+    assert npo.past_solutions(replay, [7], m=5)[7] == [([5], [-0.5]), ([4], [-0.4]), ([3], [-0.3]), ([1], [-0.1])]
+
+
+def test_mean_ci95_against_hand_computed_t_interval():
+    m, h = npo.mean_ci95([0.30, 0.34, 0.35])
+    sd = math.sqrt(((0.30 - 0.33) ** 2 + (0.34 - 0.33) ** 2 + (0.35 - 0.33) ** 2) / 2)
+    assert m == pytest.approx(0.33) and h == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert npo.mean_ci95([0.5]) == (0.5, 0.0) and npo.mean_ci95([]) == (None, None)
+    assert npo.mean_ci95([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])[1] == pytest.approx(2.201 * math.sqrt(13) / math.sqrt(12), rel=1e-9)
+    # (sample variance of 1..n is n (n + 1) / 12; t_{0.975, 11} = 2.201 from a printed table)
+
+
+def test_first_reach_and_eval_points_follow_the_surviving_branch():
+    """A rollback at step 4 back to 2: the step axis keeps the retrained evaluations, the compute
+    axis keeps all of them, and 'reached' counts only an evaluation that survived."""
+    recs = [{"step": 0, "compute_steps": 0, "eval_greedy": 0.1, "wall_s": 0},
+            {"step": 2, "compute_steps": 2, "eval_greedy": 0.2, "wall_s": 2},
+            {"step": 4, "compute_steps": 4, "eval_greedy": 0.5, "wall_s": 4},
+            {"event": "intervention", "step": 4, "compute_steps": 4},
+            {"step": 4, "compute_steps": 6, "eval_greedy": 0.4, "wall_s": 7},
+            {"step": 6, "compute_steps": 8, "eval_greedy": 0.45, "wall_s": 9}]
+    assert [p[:2] for p in npo.eval_points(recs, "step")] == [(0, 0.1), (2, 0.2), (4, 0.4), (6, 0.45)]
+    assert [p[0] for p in npo.eval_points(recs, "compute_steps")] == [0, 2, 4, 6, 8]
+    assert npo.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "wall_s": 9}
+    assert npo.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "wall_s": 7}
+    assert npo.first_reach(recs, 0.6) is None
+
+
 def np_var(xs):
     m = sum(xs) / len(xs)
     return sum((x - m) ** 2 for x in xs) / len(xs)
@@ -556,6 +589,50 @@ def nucleus_logprob_errors(model, prompts, samples, n, T, top_p, pad_id):
     return errors
 
 
+def test_source_qv_matches_per_trajectory_float64(world_of_one):
+    """Q, V and S of a source from source_qv (padded micro-batches through the FSDP trainer)
+    against a reference that scores each trajectory alone with a float64 copy of the model."""
+    from transformers import AutoModelForCausalLM
+    path, args = world_of_one
+    args.micro_batch_size = 3
+    dev = torch.device("cpu")
+    tok = npo.load_tokenizer(path)
+    rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
+    prompts = npo.encode_prompts(tok, rows, 128, "t")
+    S = {"device": dev, "tokenizer": tok, "model": npo.load_policy(path, args, dev),
+         "train_rows": rows, "train_prompts": prompts}
+    g = torch.Generator().manual_seed(0)
+    sols = {r: [(torch.randint(4, 60, (int(n),), generator=g).tolist(), (-torch.rand(int(n), generator=g)).tolist())
+                for n in torch.randint(1, 6, (k,), generator=g)] for r, k in ((0, 2), (2, 1), (5, 3), (6, 0))}
+    got = npo.source_qv(S, args, sols, q_rows=[0, 1, 2, 6])
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    ws = []
+    for r, trajs in sols.items():
+        for ids, src in trajs:
+            x = torch.tensor([prompts[r] + ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(ref_model(input_ids=x).logits[0, len(prompts[r]) - 1:-1] / args.temperature, -1)
+            ws.append(math.exp(sum(lp[t, tok_].item() - src[t] for t, tok_ in enumerate(ids)) / len(ids)))
+    assert got["trajectories"] == len(ws) == 6 and got["pool_prompts"] == 4
+    assert got["Q"] == pytest.approx(2 / 4)                     # rows 0 and 2 solved, 1 and 6 not
+    assert got["V"] == pytest.approx(np_var(ws), rel=1e-4)
+    assert got["S"] == pytest.approx(0.5 / max(np_var(ws), args.v_floor), rel=1e-4)
+
+
+def test_reference_solutions_are_verified_with_unit_source_probability(world_of_one):
+    path, _ = world_of_one
+    tok = npo.load_tokenizer(path)
+    rows = npo_data.make_task("mul", n_train=3, n_eval=0)[0] + npo_data.make_task("countdown", n_train=2, n_eval=0)[0]
+    rows[4] = {**rows[4], "target": rows[4]["target"] + 1}  # its reference no longer reaches the target
+    S = {"tokenizer": tok, "train_rows": rows}
+    sols = npo.reference_solutions(S, [0, 1, 2, 3, 4])
+    assert sols[4] == [] and all(len(sols[i]) == 1 for i in range(4))
+    for i in range(4):
+        ids, lps = sols[i][0]
+        assert tok.decode(ids, skip_special_tokens=True) == rows[i]["answer"] and ids[-1] == tok.eos_token_id
+        assert lps == [0.0] * len(ids)
+
+
 # ---- vLLM engine: a worker run in its own process (vLLM's shutdown tears down the process group,
 # and under torchrun each rank is a process), checked here -------------------------------------
 HAS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -792,8 +869,9 @@ def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
          "--guide_samples", "16"])  # enough guide samples that some prompt has a correct one
     ev = _events(out)
     assert [(e["reason"], e["step"], e["delta"]) for e in ev] == [("bootstrap", 2, 2), ("breakthrough", 5, 2)]
-    for e in ev:
-        assert len(e["table"]) == 1 and {"Q", "V", "S", "V_token"} <= e["table"][0].keys()
+    for e in ev:  # one candidate Delta, measured for the three kinds of source
+        assert [r["source"] for r in e["table"]] == ["future", "past", "external"]
+        assert all({"Q", "V", "S", "V_token"} <= r.keys() and r["delta"] == 2 for r in e["table"])
     steps = [r for r in metrics(out) if "event" not in r and r["step"] > 0]
     # 2 steps, roll back to 0, 5 steps, roll back to 3, 3 steps: 10 steps of compute for 6 optimizer steps
     assert [r["step"] for r in steps] == [1, 2, 1, 2, 3, 4, 5, 4, 5, 6]
@@ -815,9 +893,11 @@ def test_autonpo_single_process(sft_model, tmp_path):
     run([PY, "npo.py", *GRPO, *AUTONPO, "--model", sft_model, "--out", out, "--steps", "6"])
     ev = _events(out)
     assert len(ev) == 1 and ev[0]["reason"] == "reward_stagnation"
-    table = ev[0]["table"]
+    table = [r for r in ev[0]["table"] if r["source"] == "future"]
     assert sorted(r["delta"] for r in table) == [2, 4]  # every ring snapshot older than t = 4
     assert ev[0]["delta"] == max(table, key=lambda r: r["S"])["delta"]
+    external = [r for r in ev[0]["table"] if r["source"] == "external"]
+    assert len(external) == 2 and all(r["Q"] == 1.0 for r in external)  # the references are all correct
     assert sum(r.get("injected", 0) for r in metrics(out)) > 0
 
 
@@ -830,6 +910,57 @@ def test_npo_and_autonpo_torchrun_two_ranks(sft_model, tmp_path):
         ev = _events(out)
         assert len(ev) == 1 and ev[0]["table"], mode_args
         assert sum(r.get("injected", 0) for r in metrics(out)) > 0
+
+
+def test_past_and_external_sources_train_through_the_same_injection(sft_model, tmp_path):
+    """--guide_source past (the policy's own earlier successes) and external (reference solutions,
+    pi_source = 1) inject into failing groups at every step, through the same loss; no rollbacks.
+    The 1x1 task has ~70 training prompts, so prompts come back after ~9 steps and the replay has
+    successes to offer."""
+    for source in ("past", "external"):
+        out = str(tmp_path / source)
+        run([PY, "npo.py", *GRPO, "--mode", "npo", "--guide_source", source, "--model", sft_model,
+             "--out", out, "--steps", "14", "--no_save_model"])
+        steps = [r for r in metrics(out) if r["step"] > 0]
+        assert [r["step"] for r in steps] == list(range(1, 15)) and not _events(out)
+        injected = [r["injected"] for r in steps]
+        assert sum(injected) > 0, (source, injected)
+        if source == "past":
+            assert sum(injected[:8]) == 0  # nothing to replay before the first prompt comes back
+        guided = [r for r in steps if "ratio_mean_guide" in r]
+        if source == "external":  # ratio pi_theta / 1 = the policy's own probability of the reference
+            assert guided and all(0 < r["ratio_max_guide"] <= 1 for r in guided)
+    p = subprocess.run([PY, "npo.py", "--mode", "autonpo", "--guide_source", "past"], cwd=HERE,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--guide_source past injects at every step" in p.stderr
+
+
+def test_run_sh_quick_writes_the_comparison(tmp_path):
+    """`bash run.sh --quick`: SFT base, GRPO / NPO / AutoNPO on one seed, then results.json,
+    curves.png and qvs.png; a second call keeps the finished runs and only rewrites the report."""
+    out = str(tmp_path / "compare")
+    p = run(["bash", "run.sh", "--quick", "--out", out], timeout=900)
+    assert "| method | final greedy acc |" in p.stdout and "paper's shape" in p.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert list(res["methods"]) == ["grpo", "npo", "autonpo"]
+    for name, m in res["methods"].items():
+        assert m["seeds"] == [0] and 0 <= m["final_greedy"]["mean"] <= 1 and m["final_greedy"]["ci95"] == 0
+        assert m["steps"]["mean"] == 24
+    assert res["methods"]["npo"]["compute_steps"]["mean"] == 24 + 6 + 6  # two rollbacks of 6 steps
+    assert res["methods"]["npo"]["interventions"]["mean"] == 2
+    assert res["target_greedy"] == res["methods"]["grpo"]["final_greedy"]["mean"]
+    assert {"npo", "autonpo", "s_interior_peak", "future_highest_s"} <= res["claims"].keys()
+    tables = res["qvs"]["tables"]
+    assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "external"} for t in tables)
+    assert res["throughput"]["grpo"]["gen_tokens_per_s"] > 0 and res["throughput"]["grpo"]["params"] > 0
+    for png in ("curves.png", "qvs.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    t = time.time()
+    again = run(["bash", "run.sh", "--quick", "--out", out])
+    assert again.stdout.count("done before, kept") == 3 and time.time() - t < 60
+
 
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
