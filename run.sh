@@ -80,24 +80,30 @@ compare() {
   # method with every seed; JOBS runs at a time, each on CPU_THREADS threads (on 2 cores two 1-thread
   # runs finish 1.3x sooner than one 2-thread run after the other). A finished run is skipped and a
   # killed one resumes from its checkpoint, so rerunning the command completes a killed comparison.
-  local seeds="" quick=0 out=runs/compare methods=grpo,npo,autonpo
+  local seeds="" size=full out=runs/compare methods=grpo,npo,autonpo
   while [ $# -gt 0 ]; do
     case "$1" in
       --seeds) seeds="$2"; shift 2 ;;
-      --quick) quick=1; shift ;;
+      --quick) size=quick; shift ;;
+      --size) size="$2"; shift 2 ;;
       --out) out="$2"; shift 2 ;;
       --methods) methods="$2"; shift 2 ;;
       *) break ;;
     esac
   done
-  [ -n "$seeds" ] || seeds=$([ $quick = 1 ] && echo 0 || echo 0,1,2)
-  # sizes: full (the README's numbers) and quick (a smoke test of the whole pipeline)
-  local steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 window=15 cool=40 ring=10 sft=runs/sft
-  if [ $quick = 1 ]; then
-    steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 window=4 cool=8 ring=3 sft="$out/sft"
-    SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1)
-  fi
-  sft_base "$sft" $([ $quick = 1 ] && echo 200 || echo 800) "${SFT_FLAGS[@]}"
+  [ -n "$seeds" ] || seeds=$([ $size = full ] && echo 0,1,2 || echo 0)
+  # sizes: full (the README's numbers), quick (a smoke test of the whole pipeline), gpu (run.sh gpu)
+  local steps ev es boot brk_at brk window cool ring sft sft_steps
+  case $size in
+    full)  steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 window=15 cool=40 ring=10 sft=runs/sft sft_steps=800 ;;
+    quick) steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 window=4 cool=8 ring=3 sft="$out/sft" sft_steps=200
+           SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1) ;;
+    gpu)   steps=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 window=10 cool=30 ring=10 sft=runs/gpu/sft sft_steps=600
+           SFT_FLAGS+=(--model runs/gpu/base --lr 1e-4 --sft_batch_size 256)
+           RUN_FLAGS+=(--rollout vllm --lr 1e-5 --prompts_per_step 64 --micro_batch_size 128) ;;
+    *) echo "unknown size $size"; exit 2 ;;
+  esac
+  sft_base "$sft" $sft_steps "${SFT_FLAGS[@]}"
   mkdir -p "$out"
   local common=(--model "$sft/model" --steps $steps --eval_every $ev --eval_size $es --eval_samples 0
                 --ring_every $ring --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}" "$@")
@@ -132,14 +138,13 @@ compare() {
 }
 
 gpu() {
-  # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary) built from
-  # a config, SFT warm-up on the synthetic task, then the comparison with vLLM rollouts, one seed.
+  # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary: ~0.44B
+  # parameters) built from a config, SFT warm-up on the synthetic task, then the comparison with
+  # vLLM rollouts in bf16 on one seed, 100 steps per method.
   [ -f runs/gpu/base/config.json ] || $PY -c "import npo; npo.build_tiny('runs/gpu/base', \
       hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16, \
       num_key_value_heads=8, head_dim=128)"
-  SFT_FLAGS=(--model runs/gpu/base --lr 1e-4 --sft_batch_size 256)
-  RUN_FLAGS=(--rollout vllm --lr 1e-5 --prompts_per_step 64 --micro_batch_size 128)
-  JOBS=1 CPU_THREADS=8 compare --seeds 0 --out runs/gpu/compare "$@"
+  JOBS=1 CPU_THREADS=8 compare --size gpu --out runs/gpu/compare "$@"
 }
 
 bench() {
