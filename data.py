@@ -6,22 +6,30 @@ Every row is a dict:
      "task": "math" | "countdown",                          # which check verifier.reward() applies
      ...task extras ("numbers", "target" for countdown)}
 
-Synthetic tasks (`mul`, `lin`, `countdown`) are generated deterministically from (task, difficulty),
+Vision-language rows also carry "images": a list of PNG / JPEG bytes or file paths, one per image
+part ({"type": "image"}) in the messages' content; open_image() turns each into a PIL image.
+
+Synthetic tasks (`mul`, `lin`, `countdown`, and `count`: shapes drawn in an image) are generated
+deterministically from (task, difficulty),
 and split into train / eval by a hash of the prompt text, so a held-out prompt can never appear in
 training, whatever the seed or the number of rows asked for.
 
 Files: JSONL, JSON (a list) or parquet, with either
     question|problem|prompt (text) + answer|solution   (GSM8K's '#### N' answers are understood), or
-    prompt (a list of chat messages) + reward_model.ground_truth   (the verl layout).
+    prompt (a list of chat messages) + reward_model.ground_truth   (the verl layout),
+and optionally images|image: paths relative to the file, or bytes / {"bytes": ...} (parquet, the
+verl / EasyR1 layout), placed where the prompt says '<image>' (before the text when it does not).
 A malformed row raises DataError naming the file, row and field, before any training starts.
 """
 import hashlib
+import io
 import json
 import os
 import random
 
-TASKS = ("mul", "lin", "countdown")
-DEFAULT_DIFFICULTY = {"mul": "3x1", "lin": "1", "countdown": "3"}
+TASKS = ("mul", "lin", "countdown", "count")
+DEFAULT_DIFFICULTY = {"mul": "3x1", "lin": "1", "countdown": "3", "count": "4"}
+IMAGE = "<image>"  # where an image goes in a text prompt (the verl / EasyR1 convention)
 
 
 class DataError(ValueError):
@@ -35,9 +43,53 @@ def is_eval(prompt_text, eval_frac=0.15):
 
 
 def prompt_text(row):
-    """The text a row's prompt is identified by (for splitting and de-duplication)."""
-    return "\n".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
+    """The text a row's prompt is identified by (for splitting and de-duplication); images count by
+    a hash of their bytes (or their path), so image rows with the same question stay distinct."""
+    text = "\n".join(m["content"] if isinstance(m["content"], str) else json.dumps(m["content"])
                      for m in row["messages"])
+    return text + "".join(f"\n<image {_image_key(x)}>" for x in row.get("images", []))
+
+
+def _image_key(ref):
+    return hashlib.sha1(ref).hexdigest() if isinstance(ref, bytes) else str(ref)
+
+
+def image_messages(text, n_images):
+    """A user message whose content puts an image part at each '<image>' in `text` (all images
+    first when there is none). ValueError when placeholders and images do not match in number."""
+    parts = text.split(IMAGE)
+    if len(parts) == 1:
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    elif len(parts) - 1 == n_images:
+        content = []
+        for k, part in enumerate(parts):
+            content += ([{"type": "image"}] if k else []) + ([{"type": "text", "text": part}] if part else [])
+    else:
+        raise ValueError(f"{len(parts) - 1} '{IMAGE}' placeholders for {n_images} images")
+    return [{"role": "user", "content": content}]
+
+
+def image_size(ref, where="image"):
+    """(height, width) of an image from its header, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
+            return img.height, img.width
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"{where}: cannot read image: {e}") from None
+
+
+def open_image(ref, where="image"):
+    """An RGB PIL image from PNG / JPEG bytes or a file path; DataError naming `where` otherwise.
+    Decoding is PIL's: image bytes are data to it, never code."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+        img.load()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        shown = f"{len(ref)} bytes" if isinstance(ref, bytes) else ref
+        raise DataError(f"{where}: cannot read image ({shown}): {e}") from None
+    return img.convert("RGB")
 
 
 def _user(text):
@@ -87,7 +139,24 @@ def _apply(a, op, b):
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-_GENERATORS = {"mul": _mul, "lin": _lin, "countdown": _countdown}
+def _count(rng, difficulty):
+    """Count the shapes in a 64x64 image; difficulty 'N' = between 1 and N squares and discs of
+    random colours and sizes, each in its own cell of a 4x4 grid (so they never overlap)."""
+    from PIL import Image, ImageDraw
+    k = rng.randint(1, int(difficulty))
+    img = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(img)
+    for cell in rng.sample(range(16), k):
+        x, y, size = (cell % 4) * 16 + rng.randint(0, 5), (cell // 4) * 16 + rng.randint(0, 5), rng.randint(7, 10)
+        color = tuple(rng.randint(0, 200) for _ in range(3))
+        (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x, y, x + size, y + size], fill=color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return {"messages": image_messages(f"{IMAGE}How many shapes?", 1), "images": [buf.getvalue()],
+            "answer": str(k), "task": "math"}
+
+
+_GENERATORS = {"mul": _mul, "lin": _lin, "countdown": _countdown, "count": _count}
 
 
 def make_task(task, difficulty=None, n_train=20_000, n_eval=1_000, eval_frac=0.15):
@@ -151,7 +220,30 @@ def _gsm8k_answer(text):
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text.strip()
 
 
-def parse_record(rec, where):
+def parse_images(rec, where, base_dir):
+    """The record's images (field 'images' or 'image': one or a list of paths relative to the data
+    file, bytes, or {"bytes": ..., "path": ...} as parquet stores them), each checked readable."""
+    refs = rec.get("images", rec.get("image"))
+    if refs is None:
+        return []
+    if not isinstance(refs, (list, tuple)):
+        refs = [refs]
+    out = []
+    for k, ref in enumerate(refs):
+        if isinstance(ref, dict):
+            ref = ref.get("bytes") or ref.get("path")
+        if isinstance(ref, str):
+            ref = os.path.normpath(os.path.join(base_dir, ref))
+            if not os.path.isfile(ref):
+                raise DataError(f"{where}: field 'images' [{k}]: file not found: {ref}")
+        elif not isinstance(ref, (bytes, bytearray)):
+            raise DataError(f"{where}: field 'images' [{k}] must be a path or image bytes, got {type(ref).__name__}")
+        open_image(bytes(ref) if isinstance(ref, bytearray) else ref, f"{where}: field 'images' [{k}]")
+        out.append(bytes(ref) if isinstance(ref, bytearray) else ref)
+    return out
+
+
+def parse_record(rec, where, base_dir="."):
     """One file record -> a row, or DataError naming `where` (file:row) and the field."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(rec).__name__}")
@@ -179,12 +271,25 @@ def parse_record(rec, where):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise DataError(f"{where}: field 'answer' must be a non-empty string, got {answer!r:.60}")
-    return {"messages": messages, "answer": _gsm8k_answer(answer), "task": "math"}
+    row = {"messages": messages, "answer": _gsm8k_answer(answer), "task": "math"}
+    images = parse_images(rec, where, base_dir)
+    if images:
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user") if any(
+            m["role"] == "user" for m in messages) else 0
+        if not isinstance(messages[first]["content"], str):
+            raise DataError(f"{where}: field 'prompt': give image rows' message content as text with '{IMAGE}'")
+        try:
+            messages[first] = {**messages[first], "content": image_messages(messages[first]["content"], len(images))[0]["content"]}
+        except ValueError as e:
+            raise DataError(f"{where}: field 'prompt': {e}") from None
+        row["images"] = images
+    return row
 
 
 def load_file(path):
     """All rows of a data file; DataError on the first malformed row."""
-    rows = [parse_record(rec, f"{path}:{i}") for i, rec in _read_records(path)]
+    base = os.path.dirname(os.path.abspath(path))
+    rows = [parse_record(rec, f"{path}:{i}", base) for i, rec in _read_records(path)]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows

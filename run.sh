@@ -7,6 +7,7 @@
 #                        curves.png, qvs.png} and a printed table. --quick: a 3-minute version (tests)
 #   bash run.sh gpu      the same comparison on one GPU with a Qwen3-0.6B-shaped model built from a
 #                        config (no download), plus generated / trained tokens/s and MFU
+#   bash run.sh vl       the vision-language path: tiny Qwen3-VL, SFT then GRPO on counting shapes
 #   bash run.sh setup    only the set-up (what .ci/run does before the tests)
 #   bash run.sh bench    seconds per GRPO step split by phase: HF vs vLLM engine at two sizes, and
 #                        1 process vs torchrun with 2 ranks
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=main
-case "${1:-}" in main|gpu|setup|bench) mode="$1"; shift ;; esac
+case "${1:-}" in main|gpu|vl|setup|bench) mode="$1"; shift ;; esac
 PY=.venv/bin/python
 
 setup() {
@@ -147,6 +148,24 @@ gpu() {
   JOBS=1 CPU_THREADS=8 compare --size gpu --out runs/gpu/compare "$@"
 }
 
+vl() {
+  # The vision-language path on the embedded default: tiny Qwen3-VL, the count task (1-4 shapes in a
+  # 64x64 image), SFT warm-up then GRPO; held-out accuracy before and after, seconds per step.
+  sft_base runs/vl/sft 300 --model tiny-vl --lr 3e-3
+  $PY npo.py --mode grpo --model runs/vl/sft/model --out runs/vl/grpo --steps 100 --eval_every 25 \
+      --eval_samples 0 --lr 1e-4 "$@"
+  $PY - <<'PY'
+import json
+s = json.load(open("runs/vl/grpo/summary.json"))
+m = [json.loads(l) for l in open("runs/vl/grpo/metrics.jsonl")]
+st = [r for r in m if "train_s" in r][5:]
+ph = {k: sum(r[k] for r in st) / len(st) for k in ("generate_s", "score_s", "train_s", "sync_s")}
+print(f"\nheld-out greedy accuracy on {s['eval_n']} image prompts: base (SFT) {s['eval_greedy_start']:.3f}"
+      f" -> GRPO {s['eval_greedy_end']:.3f}; seconds per step (mean of steps 6-{len(st) + 5}): "
+      + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in ph.items()) + f", total {sum(ph.values()):.3f}")
+PY
+}
+
 bench() {
   # Seconds per GRPO step split by phase, every configuration run back to back in one call so the
   # ratios compare the same machine state. Two sizes:
@@ -199,6 +218,7 @@ case "$mode" in
   setup) ;;
   main) compare "$@" ;;
   gpu) gpu "$@" ;;
+  vl) vl "$@" ;;
   bench) bench ;;
-  *) echo "usage: bash run.sh [main|gpu|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
+  *) echo "usage: bash run.sh [main|gpu|vl|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
 esac

@@ -528,12 +528,115 @@ def test_bad_data_file_is_a_clean_error(tmp_path):
     assert f"{path}:2: missing field 'answer'" in p.stderr and "Traceback" not in p.stderr
 
 
+def _png(path_or_none, color, size=(40, 30)):
+    from PIL import Image
+    import io as _io
+    img = Image.new("RGB", size, color)
+    if path_or_none:
+        img.save(path_or_none)
+        return path_or_none
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_rows_from_jsonl_paths_and_parquet_bytes(tmp_path):
+    """The two layouts users have: JSONL with image paths relative to the file, and parquet with
+    image bytes (verl / EasyR1: images = [{'bytes': ...}], problem with '<image>', answer)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(tmp_path / "img")
+    _png(str(tmp_path / "img" / "a.png"), "red")
+    _png(str(tmp_path / "img" / "b.png"), "blue")
+    jl = _write(tmp_path / "d.jsonl", [
+        json.dumps({"question": "<image>How many?", "answer": "1", "images": ["img/a.png"]}),
+        json.dumps({"question": "Compare <image> with <image>", "answer": "2", "images": ["img/a.png", "img/b.png"]}),
+        json.dumps({"question": "no image here", "answer": "3"})])
+    rows = npo_data.load_file(jl)
+    assert rows[0]["images"] == [str(tmp_path / "img" / "a.png")]
+    assert rows[0]["messages"][0]["content"] == [{"type": "image"}, {"type": "text", "text": "How many?"}]
+    assert [c["type"] for c in rows[1]["messages"][0]["content"]] == ["text", "image", "text", "image"]
+    assert "images" not in rows[2] and rows[2]["messages"][0]["content"] == "no image here"
+    assert npo_data.open_image(rows[1]["images"][1]).getpixel((0, 0)) == (0, 0, 255)
+    pq_path = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"images": [[{"bytes": _png(None, "green"), "path": None}], [{"bytes": _png(None, "red"), "path": None}]],
+                             "problem": ["<image>What colour?", "And this <image>?"], "answer": ["green", "red"]}), pq_path)
+    prow = npo_data.load_file(pq_path)
+    assert npo_data.open_image(prow[0]["images"][0]).getpixel((1, 1)) == (0, 128, 0)
+    assert prow[1]["messages"][0]["content"] == [{"type": "text", "text": "And this "}, {"type": "image"},
+                                                 {"type": "text", "text": "?"}]
+    # same question, different image: different prompts (split and de-duplication see the image)
+    assert npo_data.prompt_text(prow[0]) != npo_data.prompt_text({**prow[0], "images": prow[1]["images"]})
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"question": "<image>x", "answer": "1", "images": ["missing.png"]}, "field 'images' [0]: file not found"),
+    ({"question": "<image>x", "answer": "1", "images": ["bad.png"]}, "field 'images' [0]: cannot read image"),
+    ({"question": "<image><image>x", "answer": "1", "images": ["ok.png"]}, "field 'prompt': 2 '<image>' placeholders for 1 images"),
+    ({"question": "x", "answer": "1", "images": [3]}, "field 'images' [0] must be a path or image bytes")])
+def test_broken_image_rows_name_file_row_and_field(tmp_path, record, field):
+    _png(str(tmp_path / "ok.png"), "red")
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    path = _write(tmp_path / "d.jsonl", [json.dumps({"question": "fine", "answer": "1"}), json.dumps(record)])
+    with pytest.raises(npo_data.DataError) as e:
+        npo_data.load_file(path)
+    assert f"{path}:2: {field}" in str(e.value)
+
+
+def test_count_task_labels_match_the_drawn_shapes():
+    """The count task's answer against an independent count: connected non-white regions."""
+    rows, evals = npo_data.make_task("count", "5", n_train=60, n_eval=10)
+    assert rows == npo_data.make_task("count", "5", n_train=60, n_eval=10)[0]  # deterministic
+    assert not {npo_data.prompt_text(r) for r in rows} & {npo_data.prompt_text(r) for r in evals}
+    for row in rows:
+        img = npo_data.open_image(row["images"][0])
+        w, h = img.size
+        ink = {(x, y) for x in range(w) for y in range(h) if img.getpixel((x, y)) != (255, 255, 255)}
+        regions = 0
+        while ink:
+            regions += 1
+            stack = [ink.pop()]
+            while stack:
+                x, y = stack.pop()
+                for nb in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                    if nb in ink:
+                        ink.remove(nb)
+                        stack.append(nb)
+        assert str(regions) == row["answer"]
+    assert {r["answer"] for r in rows} == {"1", "2", "3", "4", "5"}
+
+
+def test_image_prompts_expand_like_the_processor_and_never_truncate(tiny_vl_model, tmp_path):
+    args = npo.parse_args(["--model", tiny_vl_model, "--out", str(tmp_path), "--max_pixels", "9216"])
+    proc = npo.load_processor(tiny_vl_model, args)
+    tok = proc.tokenizer
+    rows = npo_data.make_task("count", n_train=5, n_eval=0)[0]
+    rows.append({"messages": npo_data.image_messages("<image> or <image>?", 2), "answer": "1", "task": "math",
+                 "images": [_png(None, "red", (100, 70)), _png(None, "blue", (200, 150))]})
+    ids = npo.encode_prompts(tok, rows, 128, "t", proc)
+    for row, got in zip(rows, ids):
+        text = proc.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+        want = proc(text=[text], images=[npo_data.open_image(x) for x in row["images"]])["input_ids"][0]
+        assert got == list(want)
+    assert ids[-1].count(proc.image_token_id) > ids[0].count(proc.image_token_id) == 4
+    limit = len(ids[0]) - 1  # the text alone fits; with the image's 4 tokens it does not
+    assert len(ids[0]) - 4 <= limit
+    with pytest.raises(npo_data.DataError, match=f"t row 1: prompt with its images has {limit + 1} tokens, "
+                                                 f"over --max_prompt_tokens {limit}"):
+        npo.encode_prompts(tok, rows, limit, "t", proc)
+
+
 # =============================================================================================
 # Model pieces: the engine's sampling log-probs, snapshots
 # =============================================================================================
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return npo.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_vl_model(tmp_path_factory):
+    return npo.build_tiny_vl(str(tmp_path_factory.mktemp("tiny_vl")), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -565,15 +668,17 @@ def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
     assert len(errors) > 10 and max(errors) < 1e-5
 
 
-def nucleus_logprob_errors(model, prompts, samples, n, T, top_p, pad_id):
+def nucleus_logprob_errors(model, prompts, samples, n, T, top_p, pad_id, vision=None):
     """|engine log-prob - reference| per sampled token, the reference in float64 from the trainer's
     logits: log(p / mass of the nucleus), the nucleus being the smallest top set with mass >= top_p
     (inf for a token outside it)."""
-    batch = npo.make_batch(prompts, samples, n, pad_id)
+    batch = npo.make_batch(prompts, samples, n, pad_id, vision)
     P = batch["prompt_len"]
+    vis = npo.vision_kwargs(batch["vision"], batch["input_ids"], getattr(model.config, "image_token_id", None), "cpu")
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits[:, P - 1:-1].double() / T
+                       position_ids=None if vis else batch["position_ids"], **vis).logits[:, P - 1:-1].double() / T
+    logits[..., npo.vision_token_ids(model.config)] = -math.inf  # what the samplers exclude
     probs = torch.softmax(logits, -1)
     errors = []
     for k, (ids, lps) in enumerate(samples):
@@ -642,29 +747,32 @@ HAS_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 def vllm_worker(path, out):
     """Trainer (FSDP2) and a colocated vLLM engine on every rank. Three SFT updates with a large
     learning rate; before each, vLLM samples and the trainer recomputes the same tokens' log-probs.
-    Then the original weights go back in and greedy answers must return. Writes rank<r>.json."""
+    Then the original weights go back in and greedy answers must return. Writes rank<r>.json.
+    A vision-language model gets image prompts (the count task)."""
     rank, world, dev = npo.setup_distributed()
     args = npo.parse_args(["--out", out, "--model", path, "--rollout", "vllm", "--lr", "1e-2"])
     tok = npo.load_tokenizer(path)
+    proc = npo.load_processor(path, args)
     model = npo.load_policy(path, args, dev)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
-    engine = npo.make_engine(path, args, dev)
+    engine = npo.make_engine(path, args, dev, max_images=1)
     npo.sync_weights(engine, model)
-    rows = npo_data.make_task("mul", n_train=16, n_eval=0)[0][rank::world]
-    prompts = npo.encode_prompts(tok, rows, 128, "t")
+    rows = npo_data.make_task("count" if proc else "mul", n_train=16, n_eval=0)[0][rank::world]
+    prompts = npo.encode_prompts(tok, rows, 128, "t", proc)
+    vision = npo.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, 1, 0.0, 1.0, 8, eos, pad)]  # noqa: E731
+    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, 1, 0.0, 1.0, 8, eos, pad, vision=vision)]  # noqa: E731
     snap0 = npo.take_snapshot(model, optim, sched, 0)
     greedy0 = greedy()
     gaps, moved = [], []
     for _ in range(3):
-        samples = npo.generate(engine, prompts, 2, 1.0, 1.0, 8, eos, pad)
-        batch = npo.make_batch(prompts, samples, 2, pad)
+        samples = npo.generate(engine, prompts, 2, 1.0, 1.0, 8, eos, pad, vision=vision)
+        batch = npo.make_batch(prompts, samples, 2, pad, vision)
         m = batch["resp_mask"].bool()
         before, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
         gaps.append((before[m] - batch["behav_logp"][m]).abs().max().item())
-        sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))))
+        sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))), proc)
         logp, _ = npo.forward_logprobs(model, sft, torch.arange(len(rows)), 1.0, dev)
         npo.aggregate(-logp, sft["resp_mask"], "token-mean").backward()
         optim.step()
@@ -673,8 +781,8 @@ def vllm_worker(path, out):
         moved.append((after[m] - before[m]).abs().max().item())
         npo.sync_weights(engine, model)
     greedy1 = greedy()
-    samples = npo.generate(engine, prompts, 2, 0.9, 0.6, 8, eos, pad)  # top-p: the nucleus log-probs
-    nucleus = max(nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, pad))
+    samples = npo.generate(engine, prompts, 2, 0.9, 0.6, 8, eos, pad, vision=vision)  # top-p: the nucleus log-probs
+    nucleus = max(nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, pad, vision))
     npo.load_weights(snap0, model)
     npo.sync_weights(engine, model)
     greedy2 = greedy()
@@ -687,9 +795,12 @@ def vllm_worker(path, out):
 
 @HAS_VLLM
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_vllm_logprobs_match_trainer_after_syncs(tiny_model, tmp_path, ranks):
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_vllm_logprobs_match_trainer_after_syncs(tiny_model, tiny_vl_model, tmp_path, ranks, kind):
+    """Also for the vision-language model on image prompts: image features recomputed after each
+    reload (encoder cache reset), placeholders expanded by vLLM as by the processor."""
     launch = [PY] if ranks == 1 else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    run(launch + [__file__, "vllm_worker", tiny_model, str(tmp_path)])
+    run(launch + [__file__, "vllm_worker", tiny_vl_model if kind == "vl" else tiny_model, str(tmp_path)])
     for r in range(ranks):
         res = json.load(open(tmp_path / f"rank{r}.json"))
         assert max(res["gaps"]) < 1e-5, res["gaps"]           # vLLM samples what the trainer trains
@@ -961,6 +1072,51 @@ def test_run_sh_quick_writes_the_comparison(tmp_path):
     again = run(["bash", "run.sh", "--quick", "--out", out])
     assert again.stdout.count("done before, kept") == 3 and time.time() - t < 60
 
+
+
+VL_TASK = ["--data", "count", "--difficulty", "3", "--eval_size", "12", "--eval_samples", "2"]
+
+
+@pytest.fixture(scope="module")
+def vl_sft_model(tmp_path_factory):
+    """The tiny vision-language policy after a short SFT on counting up to 3 shapes."""
+    out = str(tmp_path_factory.mktemp("vl_sft"))
+    run([PY, "npo.py", "--mode", "sft", "--model", "tiny-vl", "--out", out, "--sft_steps", "60", "--lr", "3e-3",
+         "--eval_every", "60", *VL_TASK])
+    return os.path.join(out, "model")
+
+
+def _vision_params_changed(before, after):
+    from transformers import AutoModelForImageTextToText
+    a = AutoModelForImageTextToText.from_pretrained(before).state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(after).state_dict()
+    changed = lambda keys: any(not torch.equal(a[k], b[k]) for k in keys)  # noqa: E731
+    return changed([k for k in a if ".visual." in k]), changed([k for k in a if ".visual." not in k])
+
+
+@pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
+def test_vl_grpo_single_process(vl_sft_model, tmp_path, rollout):
+    out = str(tmp_path / "run")
+    run([PY, "npo.py", *GRPO, *VL_TASK, "--rollout", rollout, "--model", vl_sft_model, "--out", out, "--steps", "3"])
+    m = metrics(out)
+    assert [r["step"] for r in m] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in m[1:])
+    for r in m[1:]:  # the sampler and the trainer see the same images and positions
+        assert abs(r["tis_ratio_max"] - 1) < 1e-4 and abs(r["tis_ratio_min"] - 1) < 1e-4
+    assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (True, True)
+
+
+@pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
+def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
+    """AutoNPO on image prompts under torchrun (ranks score different numbers of guide
+    trajectories, so the vision blocks' all-gathers must stay in step), vision tower frozen."""
+    out = str(tmp_path / "run")
+    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO, *VL_TASK,
+         *AUTONPO, "--rollout", rollout, "--vision_frozen", "--model", vl_sft_model, "--out", out, "--steps", "5"])
+    ev = _events(out)
+    assert len(ev) == 1 and {r["source"] for r in ev[0]["table"]} == {"future", "past", "external"}
+    steps = [r for r in metrics(out) if "event" not in r and r["step"] > 0]
+    assert all(abs(r["tis_ratio_max"] - 1) < 1e-4 for r in steps)
+    assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (False, True)
 
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
