@@ -140,15 +140,17 @@ def _apply(a, op, b):
 
 
 def _count(rng, difficulty):
-    """Count the shapes in a 64x64 image; difficulty 'N' = between 1 and N squares and discs of
-    random colours and sizes, each in its own cell of a 4x4 grid (so they never overlap)."""
+    """Count the shapes in a 64x64 image; difficulty 'N' (1-4) = between 1 and N squares and discs
+    of random colours and sizes on black, each in its own quadrant (so they never touch). A
+    quadrant is what one image token of the embedded VL model sees (16-pixel patches merged 2x2)."""
     from PIL import Image, ImageDraw
-    k = rng.randint(1, int(difficulty))
-    img = Image.new("RGB", (64, 64), "white")
+    k = rng.randint(1, min(4, int(difficulty)))
+    img = Image.new("RGB", (64, 64), "black")
     draw = ImageDraw.Draw(img)
-    for cell in rng.sample(range(16), k):
-        x, y, size = (cell % 4) * 16 + rng.randint(0, 5), (cell // 4) * 16 + rng.randint(0, 5), rng.randint(7, 10)
-        color = tuple(rng.randint(0, 200) for _ in range(3))
+    for cell in rng.sample(range(4), k):
+        size = rng.randint(14, 26)
+        x, y = (cell % 2) * 32 + rng.randint(2, 30 - size), (cell // 2) * 32 + rng.randint(2, 30 - size)
+        color = tuple(rng.randint(80, 255) for _ in range(3))
         (draw.rectangle if rng.random() < 0.5 else draw.ellipse)([x, y, x + size, y + size], fill=color)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
