@@ -420,8 +420,16 @@ def load_processor(path, args):
     if not is_vision_language(path):
         return None
     from transformers import AutoProcessor
-    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
-    return AutoProcessor.from_pretrained(path, **pixels)
+    proc = AutoProcessor.from_pretrained(path)
+    if args.min_pixels or args.max_pixels:
+        proc = AutoProcessor.from_pretrained(path, size=pixel_bounds(proc, args))
+    return proc
+
+
+def pixel_bounds(processor, args):
+    """The processor's resize bounds (in pixels) with --min_pixels / --max_pixels applied."""
+    size = processor.image_processor.size
+    return {"shortest_edge": args.min_pixels or size.shortest_edge, "longest_edge": args.max_pixels or size.longest_edge}
 
 
 def load_hf_model(path, dtype, attn, device):
@@ -612,7 +620,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
     os.environ.update(lent)
     mm = {"limit_mm_per_prompt": {"image": max_images, "video": 0}} if is_vision_language(path) else {}
     if mm and (args.min_pixels or args.max_pixels):
-        mm["mm_processor_kwargs"] = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
+        mm["mm_processor_kwargs"] = {"size": pixel_bounds(load_processor(path, args), args)}
     try:
         llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(), **mm,
                   distributed_executor_backend="external_launcher", tensor_parallel_size=1,

@@ -704,7 +704,7 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
     tok = npo.load_tokenizer(path)
     rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
     prompts = npo.encode_prompts(tok, rows, 128, "t")
-    S = {"device": dev, "tokenizer": tok, "model": npo.load_policy(path, args, dev),
+    S = {"device": dev, "tokenizer": tok, "model": npo.load_policy(path, args, dev), "processor": None,
          "train_rows": rows, "train_prompts": prompts}
     g = torch.Generator().manual_seed(0)
     sols = {r: [(torch.randint(4, 60, (int(n),), generator=g).tolist(), (-torch.rand(int(n), generator=g)).tolist())
