@@ -489,8 +489,11 @@ def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None):
         if row.get("images") and processor is None:
             raise npo_data.DataError(f"{where} row {i + 1}: has images, but the model is text-only")
         if processor is not None and row.get("images"):
-            text = expand_image_tokens(processor, text, [npo_data.image_size(x, f"{where} row {i + 1}: field 'images'")
-                                                         for x in row["images"]])
+            sizes = [npo_data.image_size(x, f"{where} row {i + 1}: field 'images'") for x in row["images"]]
+            try:
+                text = expand_image_tokens(processor, text, sizes)
+            except ValueError as e:
+                raise npo_data.DataError(f"{where} row {i + 1}: field 'prompt': {e}") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_tokens:
             what = " with its images" if row.get("images") else ""
@@ -508,7 +511,7 @@ def expand_image_tokens(processor, text, sizes):
     ip, tag = processor.image_processor, processor.image_token
     parts = text.split(tag)
     if len(parts) - 1 != len(sizes):
-        raise npo_data.DataError(f"{len(parts) - 1} image placeholders in the prompt for {len(sizes)} images")
+        raise ValueError(f"{len(parts) - 1} image placeholders in the chat text for {len(sizes)} images")
     counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 for h, w in sizes]
     return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
 

@@ -624,6 +624,9 @@ def test_image_prompts_expand_like_the_processor_and_never_truncate(tiny_vl_mode
     with pytest.raises(npo_data.DataError, match=f"t row 1: prompt with its images has {limit + 1} tokens, "
                                                  f"over --max_prompt_tokens {limit}"):
         npo.encode_prompts(tok, rows, limit, "t", proc)
+    smuggled = {**rows[0], "messages": npo_data.image_messages("<image><|image_pad|> how many?", 1)}
+    with pytest.raises(npo_data.DataError, match="t row 1: field 'prompt': 2 image placeholders in the chat text for 1 images"):
+        npo.encode_prompts(tok, [smuggled], 128, "t", proc)
 
 
 # =============================================================================================
