@@ -36,6 +36,7 @@ through the same functions as text.
 """
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import logging
@@ -195,6 +196,7 @@ def is_embedded(model):
         return bool(json.load(f).get("npo_embedded", False))
 
 
+@functools.lru_cache(maxsize=None)
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
     if model == "tiny-vl":
@@ -1496,12 +1498,14 @@ def reference_solutions(S, rows_idx):
     as the SFT warm-up writes it, with log pi_source = 0 on every token: a deterministic teacher
     whose own probabilities are unknown, which is how LUFFY treats its teacher's tokens. Rows whose
     reference the verifier rejects get none."""
-    tok = S["tokenizer"]
-    rows_idx = sorted(set(rows_idx))
-    sols = [tok(npo_data.sft_response(S["train_rows"][i]), add_special_tokens=False)["input_ids"]
-            + [tok.eos_token_id] for i in rows_idx]
-    ok = score_responses(tok, [S["train_rows"][i] for i in rows_idx], [(ids, None) for ids in sols], 1)
-    return {i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(rows_idx, sols, ok)}
+    tok, cache = S["tokenizer"], S.setdefault("references", {})  # a pure function of the row: made once
+    new = sorted(set(rows_idx) - cache.keys())
+    if new:
+        sols = [tok(npo_data.sft_response(S["train_rows"][i]), add_special_tokens=False)["input_ids"]
+                + [tok.eos_token_id] for i in new]
+        ok = score_responses(tok, [S["train_rows"][i] for i in new], [(ids, None) for ids in sols], 1)
+        cache.update({i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(new, sols, ok)})
+    return {i: list(cache[i]) for i in set(rows_idx)}
 
 
 def dummy_batch(S):
@@ -1579,7 +1583,7 @@ def intervene(S, args, st, t, deltas, reason):
     AutoNPO: every snapshot in the ring). Measures Q/V/S, picks argmax S among the future rows,
     samples the guide's trajectories for the prompts of the steps to be replayed (while the engine
     still holds theta_t), restores the snapshot, drops what belongs to the abandoned branch (newer
-    ring snapshots and replayed successes) and syncs the engine.
+    ring snapshots and replayed successes), syncs the engine and counts the intervention in `st`.
     Returns (new step, guide pool, log record)."""
     ring = st["ring"]
     current = take_snapshot(S["model"], S["optim"], S["sched"], t)
@@ -1587,24 +1591,29 @@ def intervene(S, args, st, t, deltas, reason):
     table, n_tok = qvs_table(S, args, ring, t, candidates, st["pool"], st["replay"]) if candidates else ([], 0)
     future = [r for r in table if r["source"] == "future"]
     best = future[0] if args.mode == "npo" and future else select_delta(future)  # manual NPO: Delta as told
-    rec = {"event": "intervention", "step": t, "reason": reason, "table": table,
-           "delta": best and best["delta"], "guide_tokens_generated": n_tok}
+    rec = {"event": "intervention", "step": t, "reason": reason, "table": table, "delta": best and best["delta"]}
+    new_step, guide_pool = t, {}
     if best is None:
         restore_snapshot(current, S["model"], S["optim"], S["sched"], rng=False)
         rec["skipped"] = "no candidate snapshot with signal"
-        return t, {}, rec
-    s = best["snapshot"]
-    replayed = [i for step in range(s, t) for i in prompts_for_step(
-        step, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
-    guide_pool, n_tok2 = sample_guide(S, args, replayed)
-    restore_snapshot(ring_get(ring, s), S["model"], S["optim"], S["sched"], rng=False)
-    ring_truncate(ring, s)
-    st["replay"] = [e for e in st["replay"] if e[0] < s]
-    sync_weights(S["engine"], S["model"])
-    rec["guide_tokens_generated"] += n_tok2  # this rank's; the caller sums over ranks
-    solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
-    rec["guide_solved_share"] = solved / max(total, 1)
-    return s, guide_pool, rec
+    else:
+        new_step = best["snapshot"]
+        replayed = [i for step in range(new_step, t) for i in prompts_for_step(
+            step, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
+        guide_pool, n_replay = sample_guide(S, args, replayed)
+        n_tok += n_replay
+        restore_snapshot(ring_get(ring, new_step), S["model"], S["optim"], S["sched"], rng=False)
+        ring_truncate(ring, new_step)
+        st["replay"] = [e for e in st["replay"] if e[0] < new_step]
+        sync_weights(S["engine"], S["model"])
+        solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
+        rec["guide_solved_share"] = solved / max(total, 1)
+    rec["guide_tokens_generated"] = int(all_reduce_sum([n_tok], S["device"])[0])
+    st["generated_tokens"] += rec["guide_tokens_generated"]
+    st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too
+    st["interventions"] += "skipped" not in rec
+    rec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"])
+    return new_step, guide_pool, rec
 
 
 # =============================================================================================
@@ -1836,12 +1845,7 @@ def run_rl(args, S):
         due = due_intervention(args, st, step) if args.mode != "grpo" else None
         if due:
             new_step, st["guide"], irec = intervene(S, args, st, step, due[0], due[1])
-            irec["guide_tokens_generated"] = int(all_reduce_sum([irec["guide_tokens_generated"]], S["device"])[0])
-            st["generated_tokens"] += irec["guide_tokens_generated"]
-            irec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"],
-                        wall_s=wall0 + time.time() - t0)
-            st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too
-            st["interventions"] += "skipped" not in irec
+            irec["wall_s"] = wall0 + time.time() - t0
             write_metrics(metrics, irec)
             log0(intervention_line(args, irec, new_step))
             step = new_step
