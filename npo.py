@@ -44,6 +44,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import string
 import time
@@ -85,6 +86,9 @@ def parse_args(argv=None):
     g.add_argument("--min_pixels", type=int, default=None, help="VL: images are resized to at least this many pixels")
     g.add_argument("--max_pixels", type=int, default=None, help="VL: ... and at most this many")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (large models)")
+    g.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="compute dtype of the trainer (fp32 master weights, FSDP2 mixed precision) and of the "
+                        "rollout engine and weight sync; default bf16 on GPU, fp32 on CPU")
     g.add_argument("--attn", default=None,
                    help="attention implementation; default flash_attention_2 when installed on GPU, else sdpa")
 
@@ -97,6 +101,9 @@ def parse_args(argv=None):
     g.add_argument("--eval_size", type=int, default=1000, help="held-out prompts used for evaluation")
     g.add_argument("--max_prompt_tokens", type=int, default=None,
                    help="longer prompts are an error before training; default 128 tiny, 4096 otherwise")
+    g.add_argument("--filter_overlong_prompts", action="store_true",
+                   help="drop rows whose prompt is over --max_prompt_tokens (counted per file) instead of "
+                        "stopping; the run still refuses to start if no row is left")
 
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts_per_step", type=int, default=None,
@@ -155,7 +162,8 @@ def parse_args(argv=None):
     g.add_argument("--breakthrough_delta", type=int, default=0, help="npo: Delta of the plateau breakthrough")
     g.add_argument("--ring_every", type=int, default=10, help="ring buffer: snapshot every k steps")
     g.add_argument("--ring_size", type=int, default=6, help="ring buffer: snapshots kept (K)")
-    g.add_argument("--ring_dir", default=None, help="ring buffer on disk here instead of host memory")
+    g.add_argument("--ring_dir", default=None,
+                   help="where ring snapshots are written, once each, when taken; default <out>/ring")
     g.add_argument("--pool_size", type=int, default=4096, help="mistake pool entries kept per rank")
     g.add_argument("--v_floor", type=float, default=1e-4, help="S = Q / max(V, v_floor)")
 
@@ -226,6 +234,8 @@ def resolve_defaults(args, p):
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
     args.sft_steps = args.sft_steps or 600
     args.rollout = pick_rollout(args.rollout, tiny, args.max_new_tokens)
+    args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    args.ring_dir = args.ring_dir or os.path.join(args.out, "ring")
     if args.guide_source != "future" and (args.mode != "npo" or args.bootstrap_delta or args.breakthrough_at):
         p.error(f"--guide_source {args.guide_source} injects at every step without rollbacks: use it with "
                 "--mode npo and no --bootstrap_delta / --breakthrough_at")
@@ -434,6 +444,12 @@ def pixel_bounds(processor, args):
     return {"shortest_edge": args.min_pixels or size.shortest_edge, "longest_edge": args.max_pixels or size.longest_edge}
 
 
+def compute_dtype(args):
+    """--dtype as a torch dtype: what the trainer computes in (its master weights stay fp32), what the
+    engine samples in, and what the weight sync sends."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+
+
 def load_hf_model(path, dtype, attn, device):
     """A causal LM, or an image-text model (Qwen3-VL, Qwen2.5-VL) for a vision-language checkpoint."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -444,7 +460,8 @@ def load_hf_model(path, dtype, attn, device):
 def load_policy(path, args, device):
     """The trainable policy: fp32 master weights, FSDP2-sharded (one unit per decoder layer, and
     per vision block for a VL model: the classes the model lists in _no_split_modules; then the
-    root), bf16 compute on GPU. --vision_frozen stops gradients into the vision tower."""
+    root), compute in --dtype (bf16: FSDP2 mixed precision, fp32 reductions). --vision_frozen stops
+    gradients into the vision tower."""
     model = load_hf_model(path, torch.float32, attn_implementation(args, device), device)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -453,8 +470,7 @@ def load_policy(path, args, device):
         if not hasattr(model.model, "visual"):
             raise SystemExit(f"error: --vision_frozen: {path} has no vision tower")
         model.model.visual.requires_grad_(False)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(args), reduce_dtype=torch.float32)
     units = set(model._no_split_modules or [])
     for module in list(model.modules()):
         if type(module).__name__ in units:
@@ -480,11 +496,12 @@ def save_hf_model(model, tokenizer, path):
 # =============================================================================================
 # Data: rows -> chat-formatted prompt token ids, and the data order (a pure function of step)
 # =============================================================================================
-def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None):
+def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False):
     """Token ids of each row's chat prompt (with the assistant header); for a vision-language model
     the processor expands each image placeholder to the image's number of tokens. A prompt over
     the limit is an error naming the row, before training: truncating it would change the task, or
-    cut through image tokens (then model and images disagree)."""
+    cut through image tokens (then model and images disagree). With `drop_overlong` such a row's
+    entry is None instead (--filter_overlong_prompts; see keep_encoded)."""
     out = []
     for i, row in enumerate(rows):
         text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
@@ -497,12 +514,26 @@ def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None):
             except ValueError as e:
                 raise npo_data.DataError(f"{where} row {i + 1}: field 'prompt': {e}") from None
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_tokens:
+        if len(ids) > max_prompt_tokens and drop_overlong:
+            ids = None
+        elif len(ids) > max_prompt_tokens:
             what = " with its images" if row.get("images") else ""
             raise npo_data.DataError(f"{where} row {i + 1}: prompt{what} has {len(ids)} tokens, over "
                                      f"--max_prompt_tokens {max_prompt_tokens}")
-        out.append(list(ids))
+        out.append(None if ids is None else list(ids))
     return out
+
+
+def keep_encoded(rows, prompts, where):
+    """The rows (and their prompt ids) that encode_prompts kept: --filter_overlong_prompts drops the
+    overlong ones, says how many and from where, and refuses an empty result."""
+    kept = [(r, p) for r, p in zip(rows, prompts) if p is not None]
+    if len(kept) < len(rows):
+        log0(f"data: dropped {len(rows) - len(kept)} of {len(rows)} rows of {where} whose prompt is over "
+             f"--max_prompt_tokens (--filter_overlong_prompts)")
+    if rows and not kept:
+        raise npo_data.DataError(f"{where}: every prompt is over --max_prompt_tokens; nothing is left to train on")
+    return [r for r, _ in kept], [p for _, p in kept]
 
 
 def expand_image_tokens(processor, text, sizes):
@@ -596,7 +627,7 @@ def pick_rollout(rollout, tiny, max_new_tokens):
 
 def make_engine(path, args, device, max_images=0):
     """The rollout engine (`max_images`: the most images one prompt of the data has, for vLLM)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainer's compute dtype
+    dtype = compute_dtype(args)  # the trainer's compute dtype: the engine samples what it trains
     if args.rollout == "hf":
         model = load_hf_model(path, dtype, attn_implementation(args, device), device).eval()
         return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
@@ -650,6 +681,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
 def vllm_control(engine, action, weights=None):
     """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0).
     close: shut the in-process engine down (this also destroys the default process group).
+    read: the engine's own weights (tests compare them with the trainer's after a sync).
     load: weights = iterable of (HF name, tensor); reload in place, then drop cached prefixes
     (computed with the old weights). sleep: level 1 offloads weights to host memory and frees the
     KV cache (level 2 would discard the weights). wake: weights first, KV cache after the load,
@@ -663,6 +695,9 @@ def vllm_control(engine, action, weights=None):
         engine["asleep"] = False
     elif action == "close":
         llm.llm_engine.engine_core.shutdown()
+    elif action == "read":  # the weights the engine samples with, by vLLM's names (fused qkv_proj, ...)
+        return llm.collective_rpc(lambda w: {k: v.detach().cpu().clone()
+                                             for k, v in w.model_runner.get_model().state_dict().items()})[0]
     elif action == "load":
         if engine["asleep"]:
             llm.wake_up(tags=["weights"])
@@ -695,6 +730,13 @@ def sync_weights(engine, model):
         vllm_control(engine, "load", weights)
 
 
+def engine_weights(engine):
+    """The engine's weights as it samples with them (checks that a sync is exact)."""
+    if engine["kind"] == "hf":
+        return {k: v.detach().cpu() for k, v in engine["model"].state_dict().items()}
+    return vllm_control(engine, "read")
+
+
 def engine_sleep(engine):
     """Hand the engine's GPU memory to the trainer until the next sync (vLLM on GPU only)."""
     if engine["sleep_mode"]:
@@ -716,7 +758,10 @@ def generate(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad
     from (logits / T, renormalised over the top-p nucleus when top_p < 1), the behaviour log-probs
     that importance ratios are taken against. Temperature 0 means greedy (log-probs then at T = 1).
     Sampling draws from torch's RNG (vLLM: a per-call seed drawn from it), so a resumed run,
-    which restores that RNG, samples what the uninterrupted run did."""
+    which restores that RNG, samples what the uninterrupted run did. No prompts, no samples (a rank
+    with an empty share of the work calls it like the others)."""
+    if not prompts:
+        return []
     if engine["kind"] == "vllm":
         return _generate_vllm(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, vision)
     return _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id, pad_id, batch_size, vision)
@@ -785,7 +830,10 @@ def _generate_hf(engine, prompts, n, temperature, top_p, max_new_tokens, eos_id,
 # Rewards
 # =============================================================================================
 def score_responses(tokenizer, rows, samples, n):
-    """Verifier reward of each sample; samples are prompt-major, n per row."""
+    """Verifier reward of each sample; samples are prompt-major, n per row. [] for no samples
+    (batch_decode([]) returns [''] in transformers 5.19, a row that does not exist)."""
+    if not samples:
+        return []
     texts = tokenizer.batch_decode([ids for ids, _ in samples], skip_special_tokens=True)
     return [verifier.reward(t, rows[k // n]) for k, t in enumerate(texts)]
 
@@ -1112,42 +1160,66 @@ def restore_snapshot(snap, model, optim, sched, rng=True):
     return snap["step"]
 
 
-def save_checkpoint(out, snap, keep):
-    """checkpoints/step_XXXXXX/rank{r}.pt + meta.json, complete or absent (tmp dir + rename)."""
+def crash_point(name):
+    """Tests only: with NPO_CRASH_AT=name:k[:rank] in the environment this process SIGKILLs itself the
+    k-th time it passes `name` (on that rank), so a test can kill a run at an exact moment (inside a
+    checkpoint write, a ring snapshot, an intervention). A no-op otherwise."""
+    spec = os.environ.get("NPO_CRASH_AT", "").split(":")
+    if spec[0] != name or (len(spec) > 2 and int(spec[2]) != dist.get_rank()):
+        return
+    _CRASH_COUNT[name] = _CRASH_COUNT.get(name, 0) + 1
+    if _CRASH_COUNT[name] == int(spec[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_CRASH_COUNT = {}
+
+
+def save_checkpoint(out, snap, keep, compute, ring=()):
+    """checkpoints/c<compute>/rank{r}.pt + meta.json, complete or absent (tmp dir + one rename).
+    Named by the compute counter, which never goes back (the optimizer step does, at a rollback).
+    `ring` names the ring snapshots this state refers to (files of their own, see ring_push), so a
+    checkpoint is one training state, not one per snapshot."""
     rank, world = dist.get_rank(), dist.get_world_size()
     root = os.path.join(out, "checkpoints")
-    final = os.path.join(root, f"step_{snap['step']:06d}")
+    final = os.path.join(root, f"c{compute:07d}")
     tmp = final + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
     torch.save(snap, os.path.join(tmp, f"rank{rank}.pt"))
+    crash_point("checkpoint")
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": snap["step"], "world_size": world}, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in done[:-keep]:
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            json.dump({"step": snap["step"], "compute": compute, "world_size": world, "ring": list(ring)}, f)
+        if not os.path.exists(final):  # (one that exists is this same state, written before a kill)
+            os.replace(tmp, final)
+        for d in complete_checkpoints(out)[:-keep]:
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
 
 
-def latest_checkpoint(out):
-    """Newest complete checkpoint directory (one with meta.json), or None."""
+def complete_checkpoints(out):
+    """Complete checkpoint directories (renamed from .tmp, with meta.json), oldest first."""
     root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(root, d, "meta.json")))
-    return os.path.join(root, done[-1]) if done else None
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names if not d.endswith(".tmp")
+            and os.path.isfile(os.path.join(root, d, "meta.json"))]
+
+
+def latest_checkpoint(out):
+    """Newest complete checkpoint directory, or None."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
 
 
 def load_checkpoint(path):
     """This rank's snapshot from a checkpoint directory (weights_only: tensors and plain types)."""
-    meta = json.load(open(os.path.join(path, "meta.json")))
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
     if meta["world_size"] != dist.get_world_size():
         raise SystemExit(f"error: {path} was written by {meta['world_size']} ranks; resume with the "
                          f"same --nproc_per_node (this run has {dist.get_world_size()})")
@@ -1158,19 +1230,26 @@ def load_checkpoint(path):
 # Metrics
 # =============================================================================================
 def open_metrics(out, resume_at):
-    """metrics.jsonl; on resume, truncated to the records up to `resume_at` compute steps (the
-    optimizer step can go back at an NPO rollback, the compute counter cannot). Rank 0 only."""
+    """metrics.jsonl, opened for appending; on resume, first cut to the records up to `resume_at`
+    compute steps (the optimizer step can go back at an NPO rollback, the compute counter cannot),
+    through a temp file and a rename so that a kill cannot lose the kept records. A line cut short
+    by a kill is dropped. Rank 0 only."""
     path = os.path.join(out, "metrics.jsonl")
     if dist.get_rank() != 0:
         return None
-    lines = []
+    keep = []
     if resume_at is not None and os.path.exists(path):
-        lines = [ln for ln in open(path) if ln.strip()
-                 and (lambda r: r.get("compute_steps", r.get("step", 0)))(json.loads(ln)) <= resume_at]
-    f = open(path, "w")
-    f.writelines(lines)
-    f.flush()
-    return f
+        for line in open(path):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("compute_steps", r.get("step", 0)) <= resume_at:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
 
 
 def _json_safe(x):
@@ -1210,8 +1289,12 @@ def setup(args):
     processor = load_processor(path, args)
     try:
         train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
-        train_prompts = encode_prompts(tokenizer, train_rows, args.max_prompt_tokens, args.data, processor)
-        eval_prompts = encode_prompts(tokenizer, eval_rows, args.max_prompt_tokens, args.eval_data or args.data, processor)
+        drop = args.filter_overlong_prompts
+        train_prompts = encode_prompts(tokenizer, train_rows, args.max_prompt_tokens, args.data, processor, drop)
+        train_rows, train_prompts = keep_encoded(train_rows, train_prompts, args.data)
+        where = args.eval_data or f"{args.data} (eval split)"
+        eval_prompts = encode_prompts(tokenizer, eval_rows, args.max_prompt_tokens, where, processor, drop)
+        eval_rows, eval_prompts = keep_encoded(eval_rows, eval_prompts, where)
     except npo_data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     model = load_policy(path, args, device)
@@ -1279,7 +1362,7 @@ def sft_batch(tokenizer, rows, prompts, idx, processor=None):
 def run_sft(args, S):
     model, optim, sched, tok = S["model"], S["optim"], S["sched"], S["tokenizer"]
     start = resume_if_asked(args, S)
-    metrics = open_metrics(args.out, start if args.resume else None)
+    metrics = open_metrics(args.out, start if "resumed" in S else None)
     world, rank = dist.get_world_size(), dist.get_rank()
     sync_weights(S["engine"], model)
     base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
@@ -1305,7 +1388,7 @@ def run_sft(args, S):
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
         write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.out, take_snapshot(model, optim, sched, step + 1), args.keep_checkpoints)
+            save_checkpoint(args.out, take_snapshot(model, optim, sched, step + 1), args.keep_checkpoints, step + 1)
     sync_weights(S["engine"], model)
     final = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
     finish(args, S, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
@@ -1436,36 +1519,51 @@ def autonpo_trigger(hist, since_last, n_done, ring_ready, args):
     return None
 
 
-def ring_push(ring, snap, size, ring_dir=None):
-    """Add a snapshot to the ring buffer and evict the oldest beyond `size`. In host memory, or on
-    disk under `ring_dir` (one file per rank and step, written atomically)."""
-    entry = {"step": snap["step"], "snap": snap}
-    if ring_dir:
-        path = os.path.join(ring_dir, f"step{snap['step']:06d}_rank{dist.get_rank()}.pt")
-        os.makedirs(ring_dir, exist_ok=True)
-        torch.save(snap, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        entry = {"step": snap["step"], "path": path}
-    ring[:] = [e for e in ring if e["step"] != snap["step"]] + [entry]
-    while len(ring) > size:
-        _ring_drop(ring.pop(0))
+def ring_push(ring, snap, size, ring_dir, compute):
+    """Add a snapshot to the ring buffer: written once, when taken, as this rank's file under
+    `ring_dir` (tmp + rename), and kept in the ring by name; the oldest beyond `size` leave it.
+    Checkpoints refer to ring snapshots by name instead of carrying copies, and ring_gc deletes a
+    file once neither the ring nor a checkpoint refers to it. The name holds the compute counter:
+    after a rollback the same optimizer step is taken again, on another branch."""
+    name = f"step{snap['step']:06d}_c{compute:07d}"
+    path = ring_file(ring_dir, name)
+    os.makedirs(ring_dir, exist_ok=True)
+    torch.save(snap, path + ".tmp")
+    crash_point("ring")
+    os.replace(path + ".tmp", path)
+    ring[:] = [e for e in ring if e["step"] != snap["step"]] + [{"step": snap["step"], "name": name}]
+    del ring[:-size]
 
 
-def _ring_drop(entry):
-    if "path" in entry and os.path.exists(entry["path"]):
-        os.remove(entry["path"])
+def ring_file(ring_dir, name):
+    return os.path.join(ring_dir, f"{name}_rank{dist.get_rank()}.pt")
 
 
-def ring_get(ring, step):
-    entry = next(e for e in ring if e["step"] == step)
-    return entry["snap"] if "snap" in entry else torch.load(entry["path"], weights_only=True)
+def ring_get(ring, step, ring_dir):
+    """The snapshot the ring holds for `step` (read from its file)."""
+    name = next(e["name"] for e in ring if e["step"] == step)
+    return torch.load(ring_file(ring_dir, name), weights_only=True)
 
 
 def ring_truncate(ring, step):
     """After a rollback to `step`, the snapshots after it belong to an abandoned branch."""
-    for e in [e for e in ring if e["step"] > step]:
-        ring.remove(e)
-        _ring_drop(e)
+    ring[:] = [e for e in ring if e["step"] <= step]
+
+
+def ring_gc(ring, ring_dir, out):
+    """Delete this rank's ring files that neither the ring nor a complete checkpoint refers to (and
+    files left half-written by a kill)."""
+    keep = {e["name"] for e in ring}
+    for d in complete_checkpoints(out):
+        try:
+            with open(os.path.join(d, "meta.json")) as f:
+                keep |= set(json.load(f).get("ring", []))
+        except FileNotFoundError:  # being deleted by rank 0: it refers to nothing any more
+            pass
+    mine = f"_rank{dist.get_rank()}.pt"
+    for f in os.listdir(ring_dir) if os.path.isdir(ring_dir) else []:
+        if f.endswith(mine + ".tmp") or (f.endswith(mine) and f[:-len(mine)] not in keep):
+            os.remove(os.path.join(ring_dir, f))
 
 
 def sample_guide(S, args, rows_idx):
@@ -1570,7 +1668,7 @@ def qvs_table(S, args, ring, t, candidates, pool, replay):
     external = reference_solutions(S, rows)
     table = []
     for s in candidates:
-        load_weights(ring_get(ring, s), S["model"])
+        load_weights(ring_get(ring, s, args.ring_dir), S["model"])
         for source, sols in (("future", future), ("past", past_solutions(replay, rows, args.guide_samples, s)),
                              ("external", external)):
             table.append({"source": source, "delta": t - s, "snapshot": s,
@@ -1602,7 +1700,8 @@ def intervene(S, args, st, t, deltas, reason):
             step, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
         guide_pool, n_replay = sample_guide(S, args, replayed)
         n_tok += n_replay
-        restore_snapshot(ring_get(ring, new_step), S["model"], S["optim"], S["sched"], rng=False)
+        crash_point("intervention")
+        restore_snapshot(ring_get(ring, new_step, args.ring_dir), S["model"], S["optim"], S["sched"], rng=False)
         ring_truncate(ring, new_step)
         st["replay"] = [e for e in st["replay"] if e[0] < new_step]
         sync_weights(S["engine"], S["model"])
@@ -1637,10 +1736,12 @@ def rollout(S, args, step, guide=None):
     failed = rewards.mean(dim=1) < args.gate                     # the mistake pool's entries
     successes = [(idx[k // G], *samples[k]) for k in range(len(samples)) if rewards.view(-1)[k] >= 1]
     is_guide = torch.zeros(len(samples), dtype=torch.bool)
+    on_policy_rewards = rewards                                  # [B, G] what the policy itself did
     if guide:
         samples, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
+    all_wrong = on_policy_rewards.max(dim=1).values <= 0         # [B] before injection (triggers read these)
     batch = make_batch(prompts, samples, G, tok.pad_token_id, vision)
-    batch["rewards"] = rewards
+    batch["rewards"], batch["on_policy_rewards"] = rewards, on_policy_rewards
     batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
     zero = zero_signal_groups(rewards)                                                  # [B]
     # groups without signal are counted and left out of the loss (their advantage is 0 anyway)
@@ -1650,7 +1751,9 @@ def rollout(S, args, step, guide=None):
         batch["guide_logp"] = batch["behav_logp"]   # the guide's own sampling log-probs there
     on_policy = [ids for (ids, _), g in zip(samples, is_guide.tolist()) if not g]
     return batch, {"generate_s": t_gen, "score_s": t_score, "zero_signal": zero.float().sum().item(),
-                   "all_wrong": (rewards.max(dim=1).values <= 0).float().sum().item(),
+                   "all_wrong": all_wrong.float().sum().item(),
+                   "all_wrong_mixed": (rewards.max(dim=1).values <= 0).float().sum().item(),
+                   "rescued": (all_wrong & is_guide.view(-1, G).any(dim=1)).float().sum().item(),
                    "groups": len(rows), "injected": int(is_guide.sum()),
                    "gen_tokens": sum(len(ids) for ids in on_policy),
                    "failed_rows": [i for i, f in zip(idx, failed.tolist()) if f], "successes": successes}
@@ -1669,8 +1772,8 @@ def train_step(S, args, batch, gen):
                                                   args.micro_batch_size, S["device"], entropy=False)
     stats = ppo_update(S["model"], S["optim"], S["sched"], batch, args, S["device"], gen)
     stats.update(tis)
-    stats["entropy_sum"] = float((ent * batch["resp_mask"]).sum())
-    stats["resp_tokens"] = float(batch["resp_mask"].sum())
+    stats["entropy_sum"] = float((ent * on_policy).sum())  # of the policy's own samples (entropy trigger)
+    stats["resp_tokens"] = float(on_policy.sum())
     stats["train_tokens"] = float(batch["attention_mask"].sum())  # per pass over the batch (MFU)
     stats["train_s"] = time.time() - t
     return stats
@@ -1678,12 +1781,14 @@ def train_step(S, args, batch, gen):
 
 def step_metrics(step, batch, roll, stats, args):
     """Reduce one step's numbers over ranks into the metrics.jsonl record."""
-    r = batch["rewards"]
-    keys = ["reward_sum", "correct_sum", "n_seq", "zero_signal", "all_wrong", "groups", "entropy_sum",
+    r, mixed = batch["on_policy_rewards"], batch["rewards"]
+    keys = ["reward_sum", "correct_sum", "mixed_correct_sum", "n_seq", "zero_signal", "all_wrong",
+            "all_wrong_mixed", "rescued", "groups", "entropy_sum",
             "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
             "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum", "injected",
             "gen_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum", "train_tokens"]
-    local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
+    local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(),
+             "mixed_correct_sum": (mixed >= 1).sum().item(), "n_seq": r.numel(),
              **{k: v for k, v in roll.items() if k not in ("failed_rows", "successes")}, **stats}
     tot = dict(zip(keys, all_reduce_sum([float(local.get(k, 0.0)) for k in keys], collective_device())))
     extremes = ["on_ratio", "guide_ratio", "tis_ratio"]
@@ -1697,9 +1802,13 @@ def step_metrics(step, batch, roll, stats, args):
         "reward": tot["reward_sum"] / tot["n_seq"],
         "accuracy": tot["correct_sum"] / tot["n_seq"],
         "entropy": tot["entropy_sum"] / max(tot["resp_tokens"], 1),
-        "response_len": tot["resp_tokens"] / tot["n_seq"],
+        "response_len": tot["resp_tokens"] / max(tot["n_seq"] - tot["injected"], 1),  # on-policy samples
         "zero_signal_share": tot["zero_signal"] / tot["groups"],
         "all_wrong_share": tot["all_wrong"] / tot["groups"],
+        # after injection (what the loss sees): accuracy, all-wrong groups left, all-wrong groups rescued
+        "accuracy_mixed": tot["mixed_correct_sum"] / tot["n_seq"],
+        "all_wrong_share_mixed": tot["all_wrong_mixed"] / tot["groups"],
+        "rescued": int(tot["rescued"]),
         "injected": int(tot["injected"]),
         "clipfrac_on": tot["on_clipfrac_sum"] / max(tot["on_tokens"], 1),
         "ratio_mean_on": tot["on_ratio_sum"] / max(tot["on_tokens"], 1),
@@ -1799,7 +1908,7 @@ def run_rl(args, S):
     gen = torch.Generator().manual_seed(args.seed * 7919 + dist.get_rank())  # minibatch shuffles
     start = resume_if_asked(args, S, gen)
     st = S.get("resumed", {}).get("npo") or new_npo_state()
-    metrics = open_metrics(args.out, st["compute_steps"] if args.resume else None)
+    metrics = open_metrics(args.out, st["compute_steps"] if "resumed" in S else None)
     sync_weights(S["engine"], S["model"])
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
@@ -1817,7 +1926,8 @@ def run_rl(args, S):
         if args.mode != "grpo" and args.guide_source == "future" and (step % args.ring_every == 0 or step in needed) \
                 and not any(e["step"] == step for e in st["ring"]):
             ring_push(st["ring"], take_snapshot(S["model"], S["optim"], S["sched"], step),
-                      args.ring_size, args.ring_dir)
+                      args.ring_size, args.ring_dir, st["compute_steps"])
+            ring_gc(st["ring"], args.ring_dir, args.out)
         # ---- Generate episodes (with guide samples injected into failing groups) --------------
         batch, roll = rollout(S, args, step, step_guide(S, args, st, step) if args.mode != "grpo" else None)
         engine_sleep(S["engine"])  # GPU: the engine's memory goes to the trainer until the sync
@@ -1852,7 +1962,9 @@ def run_rl(args, S):
         if args.save_every and step % args.save_every == 0 and not due:
             save_checkpoint(args.out, take_snapshot(S["model"], S["optim"], S["sched"], step, {
                 "shuffle_rng": gen.get_state(), "base_eval": base, "npo": st,
-                "wall_s": wall0 + time.time() - t0}), args.keep_checkpoints)
+                "wall_s": wall0 + time.time() - t0}), args.keep_checkpoints, st["compute_steps"],
+                [e["name"] for e in st["ring"]])
+            ring_gc(st["ring"], args.ring_dir, args.out)
     k = args.eval_samples
     summary = {"mode": args.mode, "steps": args.steps, "compute_steps": st["compute_steps"],
                "interventions": st["interventions"], "generated_tokens": st["generated_tokens"],

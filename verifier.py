@@ -104,12 +104,38 @@ def _as_number(s):
 
 
 _CHOICE = re.compile(r"^\(?([A-J])\)?$")
+_TEXT_MACRO = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf)\s*\{([^{}]*)\}")
+# "the answer is C", "Answer: (C)", "the correct option is (C)", "answer is option C": the last one wins
+_CHOICE_PHRASE = re.compile(r"(?i:answer|option|choice)\s*(?:(?i:is)|:|=)?\s*(?:(?i:option|choice)\s*)?"
+                            r"\(?([A-J])\)?(?![A-Za-z0-9])")
+
+
+def _strip_text_macros(s):
+    """'\\text{(C)}' -> '(C)': multiple-choice golds and boxed answers are often wrapped in \\text{}."""
+    return _TEXT_MACRO.sub(r"\1", s).strip().strip("$").strip()
 
 
 def _choice_letters(ans):
     """Option letters a response commits to: '(B)', 'B', 'B. 42' -> {'B'}; 'A, C or D' -> 3."""
-    letters = re.findall(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])", ans)
+    letters = re.findall(r"(?<![A-Za-z])\(?([A-J])\)?(?![A-Za-z])", _strip_text_macros(ans))
     return set(letters)
+
+
+def _choice_answer(tail):
+    """The option letters a response commits to, read as models write them: a \\boxed{} answer, else
+    the last "answer / option / choice (is) X", else the one letter written as '(X)', else a bare
+    short reply ('B', '(B)'). A set: more than one letter is no answer."""
+    boxed = _last_braced(tail)
+    if boxed is not None:
+        return _choice_letters(boxed)
+    said = _CHOICE_PHRASE.findall(tail)
+    if said:
+        return {said[-1]}
+    paren = set(re.findall(r"\(([A-J])\)", tail))
+    if len(paren) == 1:
+        return paren
+    short = tail.strip()
+    return _choice_letters(short) if len(short) <= 20 else set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +212,14 @@ def _math_verify(gold, pred, deadline_s=DEADLINE_S):
 # Scores
 # ---------------------------------------------------------------------------------------------
 _LATEX = re.compile(r"\\[A-Za-z]+|\$|\\\(|\\\[")  # any LaTeX command or math delimiter
+_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")  # what math-verify's extraction looks for
 
 
 def _for_math_verify(text):
-    """math-verify extracts LaTeX itself (all \\boxed{}, $...$); bare text gets an anchor."""
-    return text if _LATEX.search(text) else f"$\\boxed{{{_clean(text)}}}$"
+    """math-verify extracts LaTeX itself from $...$, \\(...\\), \\[...\\] and \\boxed{}; an answer
+    stored without them (bare LaTeX as MATH-style datasets keep golds: '\\sqrt{2}', '2\\pi',
+    '[-1, 4)') gets a $\\boxed{}$ anchor, else nothing would be extracted from it."""
+    return text if _DELIMITED.search(text) else f"$\\boxed{{{_clean(text)}}}$"
 
 
 def score(response, ground_truth):
@@ -212,10 +241,9 @@ def score(response, ground_truth):
     pred = extract_answer(tail) if not has_latex else _marked_answer(tail)
     if not gold or (pred is not None and len(pred) > MAX_ANSWER_CHARS):
         return 0.0
-    choice = _CHOICE.match(gold)
-    if choice:  # a bare short reply ("B", "(B)") is its own answer
-        ans = pred if pred is not None else (tail.strip() if len(tail.strip()) <= 20 else "")
-        return float(_choice_letters(ans) == {choice.group(1)})
+    choice = _CHOICE.match(_strip_text_macros(gold))
+    if choice:  # multiple choice: the response must commit to exactly that one letter
+        return float(_choice_answer(tail) == {choice.group(1)})
     g, p = _as_number(gold), _as_number(pred)
     if g is not None and p is not None and tail.count("\\boxed") <= 1:  # fast path, exact
         return float(g == p)
@@ -223,7 +251,8 @@ def score(response, ground_truth):
         numbers = re.findall(_NUMBER, pred or "")
         return float(bool(numbers) and _as_number(numbers[-1]) == g)
     gold_text = gt.strip() if _LATEX.search(gt) and not re.search(r"####|(?:^|\n)\s*A:", gt) else gold
-    pred_text = tail if has_latex or pred is None else pred
+    # math-verify reads the response itself where it delimits its math; otherwise the extracted answer
+    pred_text = tail if _DELIMITED.search(tail) or pred is None else pred
     return float(_math_verify(_for_math_verify(gold_text), _for_math_verify(pred_text[-2000:])))
 
 
