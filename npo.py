@@ -1346,6 +1346,7 @@ def finish(args, S, summary):
         with open(os.path.join(args.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     log0("summary: " + json.dumps(summary))
+    dist.barrier()  # no rank tears the process group down while another still talks to it (gloo aborts)
 
 
 # =============================================================================================
