@@ -47,6 +47,7 @@ import shutil
 import signal
 import socket
 import string
+import sys
 import time
 
 import torch
@@ -2265,6 +2266,13 @@ def main(argv=None):
     try:
         S = setup(args)
         run_sft(args, S) if args.mode == "sft" else run_rl(args, S)
+        if dist.get_world_size() > 1 and S["engine"]["kind"] == "hf":
+            # every rank is past finish()'s barrier and everything is written: leave without gloo's
+            # teardown, which now and then aborts a rank at exit ("terminate called without an
+            # active exception") after the work is done
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     finally:
         if "engine" in S:
             close_engine(S["engine"])  # vLLM's shutdown also tears down the default process group
