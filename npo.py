@@ -1161,6 +1161,9 @@ def restore_snapshot(snap, model, optim, sched, rng=True):
     return snap["step"]
 
 
+_CRASH_COUNT = {}  # crash_point: times each named moment was passed in this process
+
+
 def crash_point(name):
     """Tests only: with NPO_CRASH_AT=name:k[:rank] in the environment this process SIGKILLs itself the
     k-th time it passes `name` (on that rank), so a test can kill a run at an exact moment (inside a
@@ -1171,9 +1174,6 @@ def crash_point(name):
     _CRASH_COUNT[name] = _CRASH_COUNT.get(name, 0) + 1
     if _CRASH_COUNT[name] == int(spec[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-_CRASH_COUNT = {}
 
 
 def save_checkpoint(out, snap, keep, compute, ring=()):

@@ -1485,4 +1485,4 @@ def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
-     "sync_worker": lambda *a: sync_worker(*a)}[sys.argv[1]](*sys.argv[2:])
+     "sync_worker": sync_worker}[sys.argv[1]](*sys.argv[2:])
