@@ -9,7 +9,8 @@ Every row is a dict:
 Vision-language rows also carry "images": a list of PNG / JPEG bytes or file paths, one per image
 part ({"type": "image"}) in the messages' content; open_image() turns each into a PIL image.
 
-Synthetic tasks (`mul`, `lin`, `countdown`, and `count`: shapes drawn in an image) are generated
+Synthetic tasks (`mul`, `mulsteps`: the same with a scratchpad in the reference response, `lin`,
+`countdown`, and `count`: shapes drawn in an image) are generated
 deterministically from (task, difficulty),
 and split into train / eval by a hash of the prompt text, so a held-out prompt can never appear in
 training, whatever the seed or the number of rows asked for.
@@ -27,8 +28,8 @@ import json
 import os
 import random
 
-TASKS = ("mul", "lin", "countdown", "count")
-DEFAULT_DIFFICULTY = {"mul": "3x1", "lin": "1", "countdown": "3", "count": "4"}
+TASKS = ("mul", "mulsteps", "lin", "countdown", "count")
+DEFAULT_DIFFICULTY = {"mul": "3x1", "mulsteps": "4x1", "lin": "1", "countdown": "3", "count": "4"}
 IMAGE = "<image>"  # where an image goes in a text prompt (the verl / EasyR1 convention)
 
 
@@ -107,6 +108,24 @@ def _mul(rng, difficulty):
     return {"messages": _user(f"{a}*{b}=?"), "answer": str(a * b), "task": "math"}
 
 
+def _mulsteps(rng, difficulty):
+    """n-digit x 1-digit multiplication whose reference response carries the procedure, a
+    scratchpad: one partial product per digit of the first factor, right to left, with the carry,
+    then the result, e.g. 5343*6: '3*6=18 4*6+1=25 3*6+2=20 5*6+2=32 =32058'. What a guide can pass on
+    to a learner is then a way of working, not a memorised answer. Difficulty 'Nx1' (e.g. '4x1')."""
+    n, m = (int(d) for d in difficulty.split("x"))
+    if m != 1:
+        raise DataError(f"mulsteps: difficulty {difficulty!r}: the scratchpad is written for 'Nx1'")
+    row = _mul(rng, difficulty)
+    a, b = (int(x) for x in row["messages"][0]["content"][:-2].split("*"))
+    steps, carry = [], 0
+    for d in reversed(str(a)):
+        p = int(d) * b + carry
+        steps.append(f"{d}*{b}+{carry}={p}" if carry else f"{d}*{b}={p}")
+        carry = p // 10
+    return {**row, "solution": " ".join(steps) + f" ={a * b}"}
+
+
 def _lin(rng, difficulty):
     """Solve a*x+b=c for an integer x; difficulty = digits of a, b and x."""
     d = int(difficulty)
@@ -158,7 +177,7 @@ def _count(rng, difficulty):
             "answer": str(k), "task": "math"}
 
 
-_GENERATORS = {"mul": _mul, "lin": _lin, "countdown": _countdown, "count": _count}
+_GENERATORS = {"mul": _mul, "mulsteps": _mulsteps, "lin": _lin, "countdown": _countdown, "count": _count}
 
 
 def make_task(task, difficulty=None, n_train=20_000, n_eval=1_000, eval_frac=0.15):
@@ -318,8 +337,9 @@ def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.1
 
 
 def sft_response(row):
-    """The SFT target for a synthetic row: the bare answer (what the tiny policy is taught to say)."""
-    return row["answer"]
+    """The SFT target (and the external source's reference) of a row: its worked solution where the
+    task has one (mulsteps' scratchpad), else the bare answer."""
+    return row.get("solution", row["answer"])
 
 
 if __name__ == "__main__":  # python data.py mul 3x1  -> a few rows and the split sizes

@@ -143,10 +143,13 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("NPO: near-future guide")
     g.add_argument("--gate", type=float, default=0.6,
-                   help="a group is helped (and enters the mistake pool) when its on-policy accuracy is below this")
-    g.add_argument("--guide_ratio", default="clip", choices=["clip", "none", "shape"],
-                   help="guide tokens: clip = pi_theta/pi_guide clipped; none = ratio to the recomputed "
-                        "old policy (RLEP); shape = LUFFY's p/(p+0.1)")
+                   help="a group gets a guide sample when its on-policy accuracy is below this (the mistake "
+                        "pool, which Q is measured on, holds only groups with no correct sample)")
+    g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"],
+                   help="guide tokens: none = PPO ratio to the old policy recomputed by the current one, as "
+                        "for every token (the first author's framework, RLEP); clip = pi_theta / pi_guide, "
+                        "clipped; shape = LUFFY's p / (p + 0.1). With clip, the external source (pi = 1) "
+                        "weights a guide token by the learner's own probability of it")
     g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (for injection and Q)")
     g.add_argument("--guide_source", default="future", choices=["future", "past", "external"],
                    help="where injected samples come from. future: the near-future checkpoint theta_t "
@@ -166,12 +169,17 @@ def parse_args(argv=None):
     g.add_argument("--ring_dir", default=None,
                    help="where ring snapshots are written, once each, when taken; default <out>/ring")
     g.add_argument("--pool_size", type=int, default=4096, help="mistake pool entries kept per rank")
-    g.add_argument("--v_floor", type=float, default=1e-4, help="S = Q / max(V, v_floor)")
+    g.add_argument("--min_delta", type=int, default=None,
+                   help="autonpo: smallest rollback distance considered; default --ring_every")
+    g.add_argument("--z", type=float, default=2.0,
+                   help="standard errors a signal must clear: autonpo rolls back only when the best Q is "
+                        "more than z SE above 0, and reward stagnation needs slope + z SE below the threshold")
 
     g = p.add_argument_group("AutoNPO triggers")
     g.add_argument("--trigger_window", type=int, default=20, help="steps each trigger looks back over")
-    g.add_argument("--stagnation_slope", type=float, default=5e-4,
-                   help="reward stagnation: slope per step of the moving-average reward below this")
+    g.add_argument("--stagnation_slope", type=float, default=2e-3,
+                   help="reward stagnation: the least-squares slope (reward per step) of the last window "
+                        "plus z standard errors is below this")
     g.add_argument("--entropy_frac", type=float, default=0.5,
                    help="entropy collapse: recent mean entropy below this fraction of the early one")
     g.add_argument("--sparse_threshold", type=float, default=0.6,
@@ -237,6 +245,7 @@ def resolve_defaults(args, p):
     args.rollout = pick_rollout(args.rollout, tiny, args.max_new_tokens)
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     args.ring_dir = args.ring_dir or os.path.join(args.out, "ring")
+    args.min_delta = args.ring_every if args.min_delta is None else args.min_delta
     if args.guide_source != "future" and (args.mode != "npo" or args.bootstrap_delta or args.breakthrough_at):
         p.error(f"--guide_source {args.guide_source} injects at every step without rollbacks: use it with "
                 "--mode npo and no --bootstrap_delta / --breakthrough_at")
@@ -1426,17 +1435,37 @@ def inject_guide(rewards, samples, guide, gate=0.6):
     return samples, rewards, is_guide
 
 
-def signal_quality(solved):
-    """Q: among prompts the policy failed, the share the source solves. solved: list of bools."""
-    return sum(solved) / len(solved) if solved else 0.0
+def signal_quality(source_solved, learner_solved):
+    """Q: on prompts the learner failed (no correct sample in its group), how much more often the
+    source solves them than the learner itself does with the same number of samples m: the mean
+    of the per-prompt difference d = solved_by_source - solved_by_learner (each 0 or 1), so a
+    source that knows nothing the learner does not has Q = 0 in expectation, and its standard
+    error. Inputs: one bool per prompt each. Returns (Q, SE, moments [n, sum d, sum d^2])."""
+    d = [float(a) - float(b) for a, b in zip(source_solved, learner_solved)]
+    mom = [float(len(d)), sum(d), sum(x * x for x in d)]
+    return (*quality_from_moments(mom), mom)
+
+
+def quality_from_moments(mom):
+    """(Q, SE) from [n, sum d, sum d^2] (all-reduced over ranks); SE from the unbiased variance."""
+    n, s1, s2 = mom
+    if n == 0:
+        return 0.0, 0.0
+    q = s1 / n
+    var = max(s2 - n * q * q, 0.0) / (n - 1) if n > 1 else 0.0
+    return q, math.sqrt(var / n)
 
 
 def variance_cost(logp_policy, logp_source, mask):
-    """V: the variance the importance weights w = pi_policy / pi_source add, over the source's
-    correct trajectories. Sequence level (what V means in npo): w = exp(mean over the sequence's
-    tokens of (log pi_policy - log pi_source)), population variance over sequences. Token level
-    (logged): w = exp(log pi_policy - log pi_source) per token, variance over all tokens.
-    Inputs [N, T]; returns (V_seq, V_tok, moments) with the moments needed to combine ranks."""
+    """V: how much importance weighting inflates the variance of a gradient estimated from the
+    source's correct trajectories, w = pi_policy / pi_source. The variance of a (self-normalised)
+    importance-sampled mean is that of an on-policy mean times E[w^2] / E[w]^2 = 1 + CV(w)^2 (the
+    design effect, n / effective sample size): 1 for an on-policy source in every sample, growing
+    with the distance between the two policies, = 1 + Var(w) when E[w] = 1, and scale-free, so it is
+    defined for the external source too, whose pi_source = 1 is no distribution. Sequence level
+    (what V means in npo): w = exp(mean over the sequence's tokens of (log pi_policy - log pi_source));
+    token level (logged): one w per token. Inputs [N, T]; returns (V_seq, V_tok, moments), the
+    moments [n, sum w, sum w^2] twice, so that ranks can combine them (variance_from_moments)."""
     m = mask.bool()
     d = torch.where(m, (logp_policy - logp_source).double(), 0.0)
     n_tok = m.sum(dim=1)
@@ -1445,50 +1474,59 @@ def variance_cost(logp_policy, logp_source, mask):
     w_tok = torch.exp(d[m])
     mom = [float(len(w_seq)), w_seq.sum().item(), (w_seq ** 2).sum().item(),
            float(len(w_tok)), w_tok.sum().item(), (w_tok ** 2).sum().item()]
-    return (*variance_from_moments(mom), mom)
+    return (*variance_from_moments(mom)[:2], mom)
 
 
 def variance_from_moments(mom):
-    """(V_seq, V_tok) from [n, sum w, sum w^2] twice: lets ranks all-reduce sums, not tensors."""
-    out = []
-    for n, s1, s2 in (mom[0:3], mom[3:6]):
-        out.append(max(s2 / n - (s1 / n) ** 2, 0.0) if n else float("nan"))
-    return out
+    """(V_seq, V_tok, Var(w_seq)) from [n, sum w, sum w^2] for sequences and for tokens: V = n sum w^2
+    / (sum w)^2 (NaN without trajectories); Var(w), the population variance, is a logged diagnostic."""
+    (n, s1, s2), (nt, t1, t2) = mom[0:3], mom[3:6]
+    v = lambda n, s1, s2: n * s2 / (s1 * s1) if n else float("nan")  # noqa: E731
+    return v(n, s1, s2), v(nt, t1, t2), (max(s2 / n - (s1 / n) ** 2, 0.0) if n else float("nan"))
 
 
-def effective_signal(q, v, v_floor=1e-4):
-    """S = Q / V, with V floored so a source identical to the policy (V = 0) cannot win by
-    division: it has nothing to teach, and its Q says so."""
-    if v != v or q <= 0:  # NaN V: no correct trajectory to measure
-        return 0.0
-    return q / max(v, v_floor)
+def effective_signal(q, v):
+    """S = Q / V. 0 when V is NaN (the source has no correct trajectory to measure V on)."""
+    return q / v if v == v else 0.0
 
 
-def select_delta(table):
-    """The row of the Q/V/S table with the largest S (ties: the smaller Delta), or None if no
-    source has any signal."""
-    best = max(table, key=lambda r: (r["S"], -r["delta"]), default=None)
-    return best if best is not None and best["S"] > 0 else None
+def select_delta(table, min_delta=1, z=2.0):
+    """AutoNPO's choice among the Q/V/S rows (one per Delta): the largest S with Delta >= min_delta
+    (ties: the smaller Delta). Returns (row, None), or (None, why) when no row qualifies or the best
+    row's Q is within z standard errors of 0 (no evidence that the guide knows anything the
+    learner does not: rolling back would only cost the replayed steps)."""
+    rows = [r for r in table if r["delta"] >= min_delta]
+    best = max(rows, key=lambda r: (r["S"], -r["delta"]), default=None)
+    if best is None:
+        return None, f"no candidate snapshot with Delta >= {min_delta}"
+    if best["Q"] <= z * best["Q_se"]:
+        return None, (f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z:g} standard errors "
+                      f"({best['Q_se']:.3f}) of 0")
+    return best, None
 
 
-def moving_average(x, window):
-    return [sum(x[i - window + 1:i + 1]) / window for i in range(window - 1, len(x))]
-
-
-def slope(y):
-    """Least-squares slope of y against 0..n-1."""
+def slope_with_se(y):
+    """Least-squares slope of y against 0..n-1 and its standard error (residual variance with
+    n - 2 degrees of freedom, at least 1)."""
     n = len(y)
     xm, ym = (n - 1) / 2, sum(y) / n
-    den = sum((i - xm) ** 2 for i in range(n))
-    return sum((i - xm) * (v - ym) for i, v in enumerate(y)) / den if den else 0.0
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    if not sxx:
+        return 0.0, 0.0
+    b = sum((i - xm) * (v - ym) for i, v in enumerate(y)) / sxx
+    rss = sum((v - ym - b * (i - xm)) ** 2 for i, v in enumerate(y))
+    return b, math.sqrt(rss / max(n - 2, 1) / sxx)
 
 
-def reward_stagnation(rewards, window, min_slope):
-    """True when the moving average (over `window` steps) of the training reward has risen by less
-    than `min_slope` per step over the last `window` steps."""
+def reward_stagnation(rewards, window, min_slope, z=2.0):
+    """True when the training reward has, with confidence, stopped rising: the least-squares slope
+    of the last `window` per-step rewards plus z standard errors is below `min_slope` (reward per
+    step). A noisy curve does not pass (its slope is uncertain), a flat low-noise plateau does; a
+    bare slope test would fire at the first chance, like a timer. Waits for two windows of history."""
     if len(rewards) < 2 * window:
         return False
-    return slope(moving_average(rewards, window)[-window:]) < min_slope
+    b, se = slope_with_se(rewards[-window:])
+    return b + z * se < min_slope
 
 
 def entropy_collapse(entropies, window, frac):
@@ -1516,7 +1554,7 @@ def autonpo_trigger(hist, since_last, n_done, ring_ready, args):
         return "sparse_reward"
     if entropy_collapse(hist["entropy"], args.trigger_window, args.entropy_frac):
         return "entropy_collapse"
-    if reward_stagnation(hist["reward"], args.trigger_window, args.stagnation_slope):
+    if reward_stagnation(hist["reward"], args.trigger_window, args.stagnation_slope, args.z):
         return "reward_stagnation"
     return None
 
@@ -1568,9 +1606,10 @@ def ring_gc(ring, ring_dir, out):
             os.remove(os.path.join(ring_dir, f))
 
 
-def sample_guide(S, args, rows_idx):
-    """The 'future' source: m samples per prompt from the engine (which holds the guide, theta_t),
-    verified. Returns ({row: [correct (ids, logps)]}, generated tokens)."""
+def sample_correct(S, args, rows_idx):
+    """m samples per prompt from the policy the engine holds (the guide theta_t, or a learner theta_s
+    synced in to measure what it solves itself), verified. Returns ({row: [correct (ids, sampling
+    logps)]}, generated tokens)."""
     tok, m = S["tokenizer"], args.guide_samples
     rows_idx = sorted(set(rows_idx))
     samples = generate(S["engine"], [S["train_prompts"][i] for i in rows_idx], m, args.temperature,
@@ -1635,85 +1674,128 @@ def sequence_logprobs_padded(model, batch, args, device, dummy):
     return torch.cat(out) if out else None
 
 
-def source_qv(S, args, solutions, q_rows):
-    """Q, V and S of one source for the policy now loaded in the trainer (all ranks together).
-    solutions: {row: [correct (ids, source logps)]} on every pool row of this rank; Q counts the
-    rows in q_rows with at least one, V weighs every trajectory by pi_policy / pi_source."""
-    device = S["device"]
+def score_solutions(S, args, solutions):
+    """Log-probs of every trajectory of `solutions` ({row: [(ids, logps)]}) under the policy now in
+    the trainer, in the same layout; the same number of forward calls on every rank. Returns
+    (solutions rescored, tokens through the forward)."""
     rows = [r for r in sorted(solutions) for _ in solutions[r]]
     traj = [x for r in sorted(solutions) for x in solutions[r]]
     batch = make_batch([S["train_prompts"][r] for r in rows], traj, 1, S["tokenizer"].pad_token_id,
                        vision_inputs(S["processor"], [S["train_rows"][r] for r in rows])) if traj else None
-    lp = sequence_logprobs_padded(S["model"], batch, args, device, dummy_batch(S))
-    mom = variance_cost(lp, batch["behav_logp"], batch["resp_mask"])[2] if traj else [0.0] * 6
-    tot = all_reduce_sum([sum(bool(solutions.get(r)) for r in q_rows), len(q_rows), *mom], device)
-    q = tot[0] / tot[1] if tot[1] else 0.0
-    v_seq, v_tok = variance_from_moments(tot[2:])
-    return {"Q": q, "V": v_seq, "V_token": v_tok, "S": effective_signal(q, v_seq, args.v_floor),
-            "pool_prompts": int(tot[1]), "trajectories": int(tot[2])}
+    lp = sequence_logprobs_padded(S["model"], batch, args, S["device"], dummy_batch(S))
+    out, k = {r: [] for r in solutions}, 0
+    for r in sorted(solutions):
+        for ids, _ in solutions[r]:
+            out[r].append((ids, lp[k, :len(ids)].tolist()))
+            k += 1
+    return out, (int(batch["attention_mask"].sum()) if traj else 0)
+
+
+def source_qv(S, args, solutions, q_rows, learner_solved):
+    """Q, V and S of one source for the learner now loaded in the trainer (all ranks together).
+    solutions: {row: [correct (ids, log pi_source)]} on this rank's pool rows; q_rows: the prompts
+    the learner failed around its step; learner_solved: {row: the learner solved it with m samples
+    of its own}. Q compares the two on q_rows (signal_quality); V weighs every source trajectory by
+    pi_learner / pi_source (variance_cost)."""
+    learner, scored = score_solutions(S, args, solutions)
+    lp_l = [lp for r in sorted(solutions) for _, lp in learner[r]]
+    lp_s = [lp for r in sorted(solutions) for _, lp in solutions[r]]
+    width = max((len(x) for x in lp_l), default=0)
+    pad = lambda xs: torch.tensor([x + [0.0] * (width - len(x)) for x in xs], dtype=torch.float64)  # noqa: E731
+    mask = pad([[1.0] * len(x) for x in lp_l])
+    v_mom = variance_cost(pad(lp_l), pad(lp_s), mask)[2] if lp_l else [0.0] * 6
+    q_mom = signal_quality([bool(solutions.get(r)) for r in q_rows], [learner_solved[r] for r in q_rows])[2]
+    own = sum(learner_solved[r] for r in q_rows)
+    tot = all_reduce_sum([*q_mom, *v_mom, scored, own], S["device"])
+    q, q_se = quality_from_moments(tot[0:3])
+    v_seq, v_tok, var_w = variance_from_moments(tot[3:9])
+    return {"Q": q, "Q_se": q_se, "V": v_seq, "V_token": v_tok, "var_w": var_w, "S": effective_signal(q, v_seq),
+            "learner_pass": tot[10] / tot[0] if tot[0] else 0.0, "pool_prompts": int(tot[0]),
+            "trajectories": int(tot[3]), "scored_tokens": int(tot[9])}
 
 
 def qvs_table(S, args, ring, t, candidates, pool, replay):
     """Q, V and S of each source for the learner at each ring snapshot s = t - Delta.
 
-    The learner theta_s is the snapshot, loaded into the trainer. Its failures are the mistake-pool
-    prompts failed in [s, s + ring_every); Q is the share of them a source solves, V the variance
-    of the learner / source weights over the source's correct trajectories on the whole pool.
-    Sources: future = the guide theta_t (m samples per prompt from the engine, which keeps theta_t
-    throughout), past = the learner's own successes recorded before s, external = the data's
-    reference solutions. Only the future rows choose Delta; the others put NPO's source on the same
-    Q-V map as the baselines'. All ranks combine counts, so every rank picks the same Delta. The
-    trainer is left at the last candidate's weights (the caller restores what it chooses)."""
+    The learner theta_s is the snapshot, loaded into the trainer and synced into the engine. Its
+    failures are the mistake-pool prompts (no correct sample in the group) of steps [s, s +
+    ring_every); on them Q is how much more often a source solves a prompt than the learner does
+    with m samples of its own, and V weighs the source's correct trajectories by pi_learner /
+    pi_source. Sources: future = the guide theta_t (m samples per prompt, sampled and scored before
+    any snapshot is loaded: pi_guide from the trainer, not from the sampler), past = the learner's
+    own successes recorded before s, external = the data's reference solutions. Only the future
+    rows choose Delta; the others put NPO's source on the same Q-V map as the baselines'. All ranks
+    combine sums, so every rank picks the same Delta. Trainer and engine are left at the last
+    candidate. Returns (table, generated tokens, scored tokens)."""
     windows = {s: [r for st, r in pool if s <= st < s + args.ring_every] for s in candidates}
     rows = sorted({r for w in windows.values() for r in w})
-    future, n_tok = sample_guide(S, args, rows)
+    future, generated = sample_correct(S, args, rows)
+    future, scored = score_solutions(S, args, future)
     external = reference_solutions(S, rows)
     table = []
     for s in candidates:
         load_weights(ring_get(ring, s, args.ring_dir), S["model"])
+        sync_weights(S["engine"], S["model"])
+        learner, n = sample_correct(S, args, windows[s])
+        generated += n
+        learner_solved = {r: bool(v) for r, v in learner.items()}
         for source, sols in (("future", future), ("past", past_solutions(replay, rows, args.guide_samples, s)),
                              ("external", external)):
             table.append({"source": source, "delta": t - s, "snapshot": s,
-                          **source_qv(S, args, sols, windows[s])})
-    return table, n_tok
+                          **source_qv(S, args, sols, windows[s], learner_solved)})
+            scored += table[-1]["scored_tokens"]
+    return table, generated, scored
 
 
 def intervene(S, args, st, t, deltas, reason):
     """Roll back to t - Delta with theta_t as the guide. `deltas`: the candidates (manual NPO: one;
-    AutoNPO: every snapshot in the ring). Measures Q/V/S, picks argmax S among the future rows,
-    samples the guide's trajectories for the prompts of the steps to be replayed (while the engine
-    still holds theta_t), restores the snapshot, drops what belongs to the abandoned branch (newer
-    ring snapshots and replayed successes), syncs the engine and counts the intervention in `st`.
-    Returns (new step, guide pool, log record)."""
-    ring = st["ring"]
+    AutoNPO: every snapshot in the ring). Measures Q/V/S, picks the Delta (manual NPO: the one it
+    is given; AutoNPO: select_delta, which may decline), samples the guide's trajectories for the
+    prompts of the steps to be replayed (theta_t back in the engine), restores the snapshot, drops
+    what belongs to the abandoned branch (newer ring snapshots, replayed successes, mistake-pool
+    entries of the replayed steps), syncs the engine and counts the intervention in `st`. The guide
+    pool serves the replayed steps only (it expires at t). Returns (new step, guide pool, record)."""
+    ring, device = st["ring"], S["device"]
     current = take_snapshot(S["model"], S["optim"], S["sched"], t)
     candidates = [t - d for d in deltas if any(e["step"] == t - d for e in ring) and d > 0]
-    table, n_tok = qvs_table(S, args, ring, t, candidates, st["pool"], st["replay"]) if candidates else ([], 0)
+    table, generated, scored = qvs_table(S, args, ring, t, candidates, st["pool"], st["replay"]) \
+        if candidates else ([], 0, 0)
+    if candidates:  # theta_t back in the trainer and in the engine
+        load_weights(current, S["model"])
+        sync_weights(S["engine"], S["model"])
     future = [r for r in table if r["source"] == "future"]
-    best = future[0] if args.mode == "npo" and future else select_delta(future)  # manual NPO: Delta as told
+    if args.mode == "npo":  # manual NPO: the Delta it is told
+        best, why = (future[0], None) if future else (None, "no ring snapshot at that Delta")
+    else:
+        best, why = select_delta(future, args.min_delta, args.z)
     rec = {"event": "intervention", "step": t, "reason": reason, "table": table, "delta": best and best["delta"]}
     new_step, guide_pool = t, {}
     if best is None:
-        restore_snapshot(current, S["model"], S["optim"], S["sched"], rng=False)
-        rec["skipped"] = "no candidate snapshot with signal"
+        rec["skipped"] = why
     else:
         new_step = best["snapshot"]
         replayed = [i for step in range(new_step, t) for i in prompts_for_step(
             step, len(S["train_rows"]), args.prompts_per_step, args.seed, dist.get_rank(), dist.get_world_size())]
-        guide_pool, n_replay = sample_guide(S, args, replayed)
-        n_tok += n_replay
+        guide_pool, n = sample_correct(S, args, replayed)
+        generated += n
         crash_point("intervention")
         restore_snapshot(ring_get(ring, new_step, args.ring_dir), S["model"], S["optim"], S["sched"], rng=False)
         ring_truncate(ring, new_step)
         st["replay"] = [e for e in st["replay"] if e[0] < new_step]
+        st["pool"] = [e for e in st["pool"] if e[0] < new_step]
+        st["guide_until"] = t
         sync_weights(S["engine"], S["model"])
-        solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], S["device"])
+        solved, total = all_reduce_sum([sum(bool(v) for v in guide_pool.values()), len(guide_pool)], device)
         rec["guide_solved_share"] = solved / max(total, 1)
-    rec["guide_tokens_generated"] = int(all_reduce_sum([n_tok], S["device"])[0])
-    st["generated_tokens"] += rec["guide_tokens_generated"]
+    generated, scored = all_reduce_sum([generated, scored], device)
+    scored += sum(r["scored_tokens"] for r in table)
+    rec["guide_tokens_generated"], rec["scored_tokens"] = int(generated), int(scored)
+    st["generated_tokens"] += int(generated)
+    st["compute_flops"] += 2 * S["params"] * (generated + scored)  # forward passes only
     st["last_intervention"] = st["compute_steps"]  # a skipped one waits out the cooldown too
     st["interventions"] += "skipped" not in rec
-    rec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"])
+    rec.update(compute_steps=st["compute_steps"], generated_tokens=st["generated_tokens"],
+               compute_flops=st["compute_flops"])
     return new_step, guide_pool, rec
 
 
@@ -1735,7 +1817,7 @@ def rollout(S, args, step, guide=None):
     t = time.time()
     rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
     t_score = time.time() - t
-    failed = rewards.mean(dim=1) < args.gate                     # the mistake pool's entries
+    failed = rewards.max(dim=1).values <= 0                      # [B] the mistake pool: no correct sample
     successes = [(idx[k // G], *samples[k]) for k in range(len(samples)) if rewards.view(-1)[k] >= 1]
     is_guide = torch.zeros(len(samples), dtype=torch.bool)
     on_policy_rewards = rewards                                  # [B, G] what the policy itself did
@@ -1757,7 +1839,7 @@ def rollout(S, args, step, guide=None):
                    "all_wrong_mixed": (rewards.max(dim=1).values <= 0).float().sum().item(),
                    "rescued": (all_wrong & is_guide.view(-1, G).any(dim=1)).float().sum().item(),
                    "groups": len(rows), "injected": int(is_guide.sum()),
-                   "gen_tokens": sum(len(ids) for ids in on_policy),
+                   "gen_tokens": sum(len(ids) for ids in on_policy), "prompt_tokens": sum(map(len, prompts)),
                    "failed_rows": [i for i, f in zip(idx, failed.tolist()) if f], "successes": successes}
 
 
@@ -1788,7 +1870,7 @@ def step_metrics(step, batch, roll, stats, args):
             "all_wrong_mixed", "rescued", "groups", "entropy_sum",
             "resp_tokens", "on_tokens", "on_clipfrac_sum", "on_ratio_sum", "guide_tokens",
             "guide_clipfrac_sum", "guide_ratio_sum", "loss_sum", "grad_norm_sum", "kl_sum", "injected",
-            "gen_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum", "train_tokens"]
+            "gen_tokens", "prompt_tokens", "tis_tokens", "tis_ratio_sum", "tis_capped_sum", "train_tokens"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(),
              "mixed_correct_sum": (mixed >= 1).sum().item(), "n_seq": r.numel(),
              **{k: v for k, v in roll.items() if k not in ("failed_rows", "successes")}, **stats}
@@ -1823,7 +1905,8 @@ def step_metrics(step, batch, roll, stats, args):
         "grad_norm": tot["grad_norm_sum"] / (world * n_opt),
         "lr": args.lr,
         "generate_s": roll["generate_s"], "score_s": roll["score_s"], "train_s": stats["train_s"],
-        "step_tokens": int(tot["gen_tokens"]), "train_tokens": int(tot["train_tokens"]),
+        "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
+        "train_tokens": int(tot["train_tokens"]),
     }
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=tot["guide_clipfrac_sum"] / tot["guide_tokens"],
@@ -1838,7 +1921,8 @@ def new_npo_state():
     """Everything NPO / AutoNPO carries across steps (saved in checkpoints for --resume)."""
     return {"ring": [], "pool": [], "replay": [], "guide": {}, "done": [], "interventions": 0,
             "hist": {"reward": [], "entropy": [], "all_wrong": []},
-            "compute_steps": 0, "generated_tokens": 0, "last_intervention": 0}
+            "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0, "last_intervention": 0,
+            "guide_until": 0}
 
 
 def due_intervention(args, st, step):
@@ -1861,11 +1945,14 @@ def due_intervention(args, st, step):
     return None
 
 
-def track_step(st, args, step, rec, roll):
+def track_step(st, args, step, rec, roll, params):
     """Compute counters, the mistake pool, the replay of past successes and the trigger history
-    after one training step."""
+    after one training step. Compute is counted in model FLOPs (2N per token through a forward
+    pass: prompts, generated tokens; plus the training passes), the one measure every "per
+    compute" number uses: it includes the guide sampling and Q / V scoring of interventions."""
     st["compute_steps"] += 1
     st["generated_tokens"] += rec["step_tokens"]
+    st["compute_flops"] += rec["train_flops"] + 2 * params * (rec["step_tokens"] + rec["prompt_tokens"])
     st["pool"] = (st["pool"] + [(step, i) for i in roll["failed_rows"]])[-args.pool_size:]
     st["replay"] = (st["replay"] + [(step, *x) for x in roll["successes"]])[-args.replay_size:]
     for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]),
@@ -1877,6 +1964,8 @@ def step_guide(S, args, st, step):
     """The guide samples on offer to this step's failing groups: the near-future guide's (set by
     the last intervention), or those of the past / external source for this step's prompts."""
     if args.guide_source == "future":
+        if step >= st["guide_until"]:  # the guide pool serves the replayed steps only
+            st["guide"] = {}
         return st["guide"]
     idx = prompts_for_step(step, len(S["train_rows"]), args.prompts_per_step, args.seed,
                            dist.get_rank(), dist.get_world_size())
@@ -1897,8 +1986,8 @@ def step_line(args, step, rec):
 def intervention_line(args, irec, new_step):
     head = irec.get("skipped") or (f"roll back to step {new_step} (Delta {irec['delta']}), guide solved "
                                    f"{irec['guide_solved_share']:.2f} of the replayed prompts")
-    rows = [f"Delta {r['delta']:>3} {r['source']:>8}: Q {r['Q']:.3f}  V {r['V']:.3g}  S {r['S']:.3g}"
-            for r in irec["table"]]
+    rows = [f"Delta {r['delta']:>3} {r['source']:>8}: Q {r['Q']:+.3f} ± {r['Q_se']:.3f} (learner solves "
+            f"{r['learner_pass']:.2f} of {r['pool_prompts']})  V {r['V']:.4g}  S {r['S']:+.3g}" for r in irec["table"]]
     return f"{args.mode} | intervention at step {irec['step']} ({irec['reason']}): {head}" + \
         "".join("\n  " + r for r in rows)
 
@@ -1914,7 +2003,8 @@ def run_rl(args, S):
     sync_weights(S["engine"], S["model"])
     if start == 0:
         base = evaluate(S["engine"], tok, S["eval_rows"], S["eval_prompts"], args, S["processor"])
-        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "wall_s": 0.0, **base,
+        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
+                                "wall_s": 0.0, **base,
                                 "params": S["params"], **device_peak(S["device"])})
     else:  # evaluating again would draw from the restored RNG and change the next steps
         base = S["resumed"]["base_eval"]
@@ -1941,10 +2031,11 @@ def run_rl(args, S):
         sync_s = time.time() - t
         # ---- Log metrics ------------------------------------------------------------------
         rec = step_metrics(step, batch, roll, stats, args)
-        track_step(st, args, step, rec, roll)
+        # model FLOPs of the training passes: 2N per token for the old log-probs (and the reference), 6N per epoch
+        rec["train_flops"] = rec["train_tokens"] * S["params"] * (2 + 6 * args.ppo_epochs + 2 * (args.kl_coef > 0))
+        track_step(st, args, step, rec, roll, S["params"])
         rec.update(sync_s=sync_s, wall_s=wall0 + time.time() - t0, compute_steps=st["compute_steps"],
-                   generated_tokens=st["generated_tokens"],  # model FLOPs: 2N per token forward, 6N train
-                   train_flops=rec["train_tokens"] * S["params"] * (2 + 6 * args.ppo_epochs + 2 * (args.kl_coef > 0)))
+                   generated_tokens=st["generated_tokens"], compute_flops=st["compute_flops"])
         step += 1
         if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
@@ -2020,7 +2111,8 @@ def first_reach(records, target):
     for r in records:
         if "eval_greedy" in r and "event" not in r and r["eval_greedy"] >= target - 1e-12 \
                 and by_step.get(r["step"], (0, -1))[1] == r["eval_greedy"]:
-            return {"step": r["step"], "compute_steps": r.get("compute_steps", r["step"]), "wall_s": r.get("wall_s", 0.0)}
+            return {"step": r["step"], "compute_steps": r.get("compute_steps", r["step"]),
+                    "compute_flops": r.get("compute_flops"), "wall_s": r.get("wall_s", 0.0)}
     return None
 
 
@@ -2052,9 +2144,10 @@ def summarize_comparison(runs, baseline="grpo"):
             "final_greedy": {**ci([final(rec)["eval_greedy"] for rec in seeds.values()]),
                              "per_seed": [final(seeds[k])["eval_greedy"] for k in sorted(seeds)]},
             "reached_target": sum(v is not None for v in reach.values()),
-            **{f"{key}_to_target": ci([v[key] for v in reach.values() if v]) for key in ("step", "compute_steps", "wall_s")},
+            **{f"{key}_to_target": ci([v[key] for v in reach.values() if v]) for key in ("step", "compute_steps", "compute_flops", "wall_s")},
             "steps": ci([r["step"] for r in last.values()]),
             "compute_steps": ci([r.get("compute_steps", r["step"]) for r in last.values()]),
+            "compute_flops": ci([r.get("compute_flops") for r in last.values()]),
             "wall_s": ci([r.get("wall_s", 0.0) for r in last.values()]),
             "generated_tokens": ci([r.get("generated_tokens", 0) for r in last.values()]),
             "interventions": ci([sum(1 for r in rec if r.get("event") == "intervention" and "skipped" not in r)
@@ -2159,8 +2252,11 @@ def plot_curves(runs, path):
     import numpy as np
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, axis, label in zip(axes, ("step", "compute_steps"),
-                               ("optimizer step", "total compute (training steps, repeated ones included)")):
+    compute = "compute_flops" if all("compute_flops" in r for s in runs.values() for rec in s.values()
+                                     for r in rec if "eval_greedy" in r) else "compute_steps"
+    for ax, axis, label in zip(axes, ("step", compute), ("optimizer step", {
+            "compute_flops": "total compute (model FLOPs: repeated steps, guide sampling and Q/V scoring included)",
+            "compute_steps": "total compute (training steps, repeated ones included)"}[compute])):
         for i, (method, seeds) in enumerate(runs.items()):
             color = f"C{i}"
             curves = [eval_points(rec, axis) for rec in seeds.values()]
@@ -2175,7 +2271,7 @@ def plot_curves(runs, path):
             for rec in seeds.values():
                 for r in rec:
                     if r.get("event") == "intervention" and "skipped" not in r:
-                        ax.axvline(r["step"] if axis == "step" else r["compute_steps"], color=color,
+                        ax.axvline(r["step"] if axis == "step" else r[axis], color=color,
                                    linestyle=":", alpha=0.5)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)

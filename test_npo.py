@@ -251,23 +251,30 @@ def test_inject_guide_slot_gate_and_no_guide():
 
 
 def test_q_v_s_on_hand_made_inputs():
-    assert npo.signal_quality([True, False, True, False]) == 0.5
-    assert npo.signal_quality([]) == 0.0
+    # Q: the paired difference source - learner per failed prompt, its mean and standard error
+    q, se, mom = npo.signal_quality([True, True, False, True], [False, True, False, False])
+    d = [1, 0, 0, 1]  # mean 0.5, sample sd sqrt(1/3)
+    assert q == pytest.approx(0.5) and se == pytest.approx(math.sqrt(1 / 3) / 2) and mom == [4, 2, 2]
+    assert npo.signal_quality([True, False], [True, False])[:2] == (0.0, 0.0)  # the learner itself: Q = 0
+    assert npo.signal_quality([], [])[:2] == (0.0, 0.0)
     ln2 = math.log(2)
     # seq 0: policy - source = ln2 on both tokens -> w = 2; seq 1: 0 -> w = 1; seq 2: no tokens
     lp_src = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     lp_pol = lp_src + torch.tensor([[ln2, ln2, 5.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
     v_seq, v_tok, mom = npo.variance_cost(lp_pol, lp_src, mask)
-    assert v_seq == pytest.approx(0.25)                      # var{2, 1}
-    assert v_tok == pytest.approx(np_var([2, 2, 1, 1, 1]))   # per-token weights
-    # moments of two halves combine to the whole (how ranks are combined)
+    assert v_seq == pytest.approx(2 * (4 + 1) / 3 ** 2)       # n sum w^2 / (sum w)^2 over w = {2, 1}
+    assert v_tok == pytest.approx(5 * (4 + 4 + 1 + 1 + 1) / 7 ** 2)
+    assert v_seq == pytest.approx(1 + np_var([2, 1]) / 1.5 ** 2)  # = 1 + CV^2
+    # moments of two halves combine to the whole (how ranks are combined); Var(w) is kept as a diagnostic
     a = npo.variance_cost(lp_pol[:1], lp_src[:1], mask[:1])[2]
     b = npo.variance_cost(lp_pol[1:], lp_src[1:], mask[1:])[2]
-    assert npo.variance_from_moments([x + y for x, y in zip(a, b)]) == pytest.approx([v_seq, v_tok])
-    assert npo.effective_signal(0.5, 0.25) == pytest.approx(2.0)
-    assert npo.effective_signal(0.5, 0.0, v_floor=1e-2) == pytest.approx(50.0)
-    assert npo.effective_signal(0.0, 0.1) == 0.0 and npo.effective_signal(0.3, float("nan")) == 0.0
+    assert npo.variance_from_moments([x + y for x, y in zip(a, b)]) == pytest.approx([v_seq, v_tok, 0.25])
+    # V(0): a source equal to the policy costs exactly the on-policy value, 1, in any sample
+    same = npo.variance_cost(lp_src, lp_src, mask)
+    assert same[0] == 1.0 and same[1] == 1.0
+    assert npo.effective_signal(0.5, 1.25) == pytest.approx(0.4)
+    assert npo.effective_signal(0.3, float("nan")) == 0.0 and npo.effective_signal(0.0, 1.0) == 0.0
 
 
 def test_past_solutions_newest_first_before_a_step():
@@ -296,10 +303,13 @@ def test_first_reach_and_eval_points_follow_the_surviving_branch():
             {"event": "intervention", "step": 4, "compute_steps": 4},
             {"step": 4, "compute_steps": 6, "eval_greedy": 0.4, "wall_s": 7},
             {"step": 6, "compute_steps": 8, "eval_greedy": 0.45, "wall_s": 9}]
+    for r in recs:  # model FLOPs: 100 a step, and 50 for the intervention's sampling and scoring
+        r["compute_flops"] = 100 * r["compute_steps"] + 50 * (r["compute_steps"] > 4 or "event" in r)
     assert [p[:2] for p in npo.eval_points(recs, "step")] == [(0, 0.1), (2, 0.2), (4, 0.4), (6, 0.45)]
     assert [p[0] for p in npo.eval_points(recs, "compute_steps")] == [0, 2, 4, 6, 8]
-    assert npo.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "wall_s": 9}
-    assert npo.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "wall_s": 7}
+    assert [p[0] for p in npo.eval_points(recs, "compute_flops")] == [0, 200, 400, 650, 850]
+    assert npo.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "compute_flops": 850, "wall_s": 9}
+    assert npo.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "compute_flops": 650, "wall_s": 7}
     assert npo.first_reach(recs, 0.6) is None
 
 
@@ -308,29 +318,64 @@ def np_var(xs):
     return sum((x - m) ** 2 for x in xs) / len(xs)
 
 
-def test_select_delta_picks_argmax_s():
-    table = [{"delta": 10, "S": 3.0}, {"delta": 20, "S": 7.5}, {"delta": 30, "S": 7.5}, {"delta": 40, "S": 1.0}]
-    assert npo.select_delta(table)["delta"] == 20  # ties go to the nearer future
-    assert npo.select_delta([{"delta": 10, "S": 0.0}]) is None
-    assert npo.select_delta([]) is None
+def test_select_delta_interior_optimum_min_delta_and_evidence():
+    """On a synthetic table shaped as the paper argues (Q rises from 0 and saturates, V rises from 1
+    ever faster) S = Q / V peaks inside the ring; Deltas below min_delta are not considered; a best
+    Q within z standard errors of 0 declines the rollback."""
+    rows = []
+    for delta in (10, 20, 30, 40, 50, 60):
+        q, v = 0.4 * (1 - math.exp(-delta / 15)), 1 + (delta / 40) ** 3
+        rows.append({"delta": delta, "Q": q, "Q_se": 0.02, "V": v, "S": npo.effective_signal(q, v)})
+    best, why = npo.select_delta(rows)
+    assert why is None and best["delta"] == max(rows, key=lambda r: r["Q"] / r["V"])["delta"] == 20
+    assert 10 < best["delta"] < 60  # interior
+    assert npo.select_delta(rows, min_delta=40)[0]["delta"] == 40
+    ties = [{"delta": d, "Q": 0.3, "Q_se": 0.01, "S": 0.3} for d in (20, 30)]
+    assert npo.select_delta(ties)[0]["delta"] == 20  # ties go to the nearer future
+    noisy = [{**r, "Q_se": r["Q"] / 1.9} for r in rows]  # every Q under 2 SE
+    best, why = npo.select_delta(noisy)
+    assert best is None and "within 2 standard errors" in why
+    assert npo.select_delta(noisy, z=1.5)[0]["delta"] == 20
+    assert npo.select_delta([])[0] is None and npo.select_delta(rows, min_delta=70)[0] is None
 
 
 def _trigger_args(**kw):
     a = npo.parse_args(["--mode", "autonpo", "--trigger_window", "5", "--cooldown", "10",
-                        "--max_interventions", "2", "--stagnation_slope", "0.01"])
+                        "--max_interventions", "2", "--stagnation_slope", "0.05"])
     for k, v in kw.items():
         setattr(a, k, v)
     return a
 
 
+def test_slope_with_se_against_closed_form():
+    """OLS slope and its standard error against the textbook formulas, computed another way."""
+    y = [0.1, 0.35, 0.2, 0.5, 0.45, 0.7]
+    n = len(y)
+    x = list(range(n))
+    xm, ym = sum(x) / n, sum(y) / n
+    b = sum((a - xm) * (c - ym) for a, c in zip(x, y)) / sum((a - xm) ** 2 for a in x)
+    resid = [c - (ym + b * (a - xm)) for a, c in zip(x, y)]
+    se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sum((a - xm) ** 2 for a in x))
+    assert npo.slope_with_se(y) == pytest.approx((b, se), rel=1e-12)
+    assert npo.slope_with_se([1, 3, 5, 7]) == pytest.approx((2.0, 0.0))
+
+
+def test_stagnation_needs_evidence_not_a_timer():
+    """A noisy flat curve does not trigger (its slope could be anything); a rise that has become a
+    low-noise plateau does; a noisy rise does not. The series are fixed (pure Python RNG)."""
+    import random as pyrandom
+    rng = pyrandom.Random(0)
+    noisy_flat = [0.3 + rng.gauss(0, 0.1) for _ in range(60)]
+    plateau = [min(0.1 + 0.01 * i, 0.4) + rng.gauss(0, 0.005) for i in range(60)]
+    noisy_rise = [0.1 + 0.005 * i + rng.gauss(0, 0.02) for i in range(60)]
+    for name, curve, want in (("noisy flat", noisy_flat, False), ("plateau", plateau, True), ("noisy rise", noisy_rise, False)):
+        assert npo.reward_stagnation(curve, 20, 2e-3) == want, name
+    assert not npo.reward_stagnation(plateau[:39], 20, 2e-3)  # two windows of history first
+
+
 def test_triggers_on_synthetic_series():
     rising = [0.02 * i for i in range(30)]
     flat = [0.3 + 0.01 * ((-1) ** i) for i in range(30)]
-    assert npo.slope([1, 3, 5, 7]) == pytest.approx(2.0)
-    assert npo.moving_average([1, 2, 3, 4], 2) == [1.5, 2.5, 3.5]
-    assert not npo.reward_stagnation(rising, 5, 0.01)
-    assert npo.reward_stagnation(flat, 5, 0.01)
-    assert not npo.reward_stagnation(flat[:9], 5, 0.01)  # not enough history yet
     ent = [1.0] * 10 + [0.4] * 10
     assert npo.entropy_collapse(ent, 5, 0.5) and not npo.entropy_collapse([1.0] * 20, 5, 0.5)
     assert npo.sparse_reward([0.9] * 5, 5, 0.6) and not npo.sparse_reward([0.5] * 5, 5, 0.6)
@@ -564,6 +609,26 @@ def test_synthetic_tasks_deterministic_and_split():
             assert verifier.reward(npo_data.sft_response(r), r) == 1.0
     tr, ev = npo_data.make_task("mul", "3x1")
     assert len(ev) == 1000  # the default eval set is >= 1000 prompts
+
+
+def test_mulsteps_scratchpad_is_long_multiplication_and_verified():
+    """Each scratchpad step is checked by integer arithmetic done here, and the digits the steps
+    write (each step's last digit, the last step whole) spell the product."""
+    rows = npo_data.make_task("mulsteps", "4x1", n_train=200, n_eval=0)[0]
+    for r in rows:
+        a, b = (int(x) for x in r["messages"][0]["content"].rstrip("=?").split("*"))
+        *steps, result = r["solution"].split()
+        carry, written = 0, []
+        for d, step in zip(reversed(str(a)), steps):
+            lhs, p = step.split("=")
+            assert lhs == (f"{d}*{b}+{carry}" if carry else f"{d}*{b}") and int(p) == int(d) * b + carry
+            carry = int(p) // 10
+            written.append(p)
+        assert len(steps) == 4 and int(written[-1] + "".join(w[-1] for w in reversed(written[:-1]))) == a * b
+        assert result == f"={a * b}" == f"={r['answer']}" and npo_data.sft_response(r) == r["solution"]
+        assert verifier.reward(r["solution"], r) == 1 and verifier.reward(r["solution"][:-1], r) == 0
+    with pytest.raises(npo_data.DataError, match="written for 'Nx1'"):
+        npo_data.make_task("mulsteps", "3x2", n_train=2, n_eval=0)
 
 
 def test_gsm8k_file_loads():
@@ -809,7 +874,7 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
     g = torch.Generator().manual_seed(0)
     sols = {r: [(torch.randint(4, 60, (int(n),), generator=g).tolist(), (-torch.rand(int(n), generator=g)).tolist())
                 for n in torch.randint(1, 6, (k,), generator=g)] for r, k in ((0, 2), (2, 1), (5, 3), (6, 0))}
-    got = npo.source_qv(S, args, sols, q_rows=[0, 1, 2, 6])
+    got = npo.source_qv(S, args, sols, [0, 1, 2, 6], {0: False, 1: True, 2: True, 6: False})
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     ws = []
     for r, trajs in sols.items():
@@ -819,9 +884,14 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
                 lp = torch.log_softmax(ref_model(input_ids=x).logits[0, len(prompts[r]) - 1:-1] / args.temperature, -1)
             ws.append(math.exp(sum(lp[t, tok_].item() - src[t] for t, tok_ in enumerate(ids)) / len(ids)))
     assert got["trajectories"] == len(ws) == 6 and got["pool_prompts"] == 4
-    assert got["Q"] == pytest.approx(2 / 4)                     # rows 0 and 2 solved, 1 and 6 not
-    assert got["V"] == pytest.approx(np_var(ws), rel=1e-4)
-    assert got["S"] == pytest.approx(0.5 / max(np_var(ws), args.v_floor), rel=1e-4)
+    # source solves rows 0 and 2, the learner 1 and 2: differences 1, -1, 0, 0
+    assert got["Q"] == pytest.approx(0.0) and got["Q_se"] == pytest.approx(math.sqrt(2 / 3) / 2)
+    assert got["learner_pass"] == 0.5
+    v = len(ws) * sum(w * w for w in ws) / sum(ws) ** 2
+    assert got["V"] == pytest.approx(v, rel=1e-4) and got["var_w"] == pytest.approx(np_var(ws), rel=1e-4)
+    assert got["V"] > 1 and got["S"] == 0
+    got = npo.source_qv(S, args, sols, [0, 2], {0: False, 2: False})
+    assert got["Q"] == 1.0 and got["S"] == pytest.approx(1 / v, rel=1e-4)
 
 
 def test_reference_solutions_are_verified_with_unit_source_probability(world_of_one):
@@ -1272,7 +1342,8 @@ def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
     # 2 steps, roll back to 0, 5 steps, roll back to 3, 3 steps: 10 steps of compute for 6 optimizer steps
     assert [r["step"] for r in steps] == [1, 2, 1, 2, 3, 4, 5, 4, 5, 6]
     assert [r["compute_steps"] for r in steps] == list(range(1, 11))
-    assert [r["injected"] for r in steps[:2]] == [0, 0]  # no guide before the first rollback
+    # the guide pool serves the replayed steps only: none before the first rollback, none after a replay
+    assert [r["injected"] for i, r in enumerate(steps) if i not in (2, 3, 7, 8)] == [0] * 6
     assert all(("clipfrac_guide" in r) == (r["injected"] > 0) for r in steps)
     summary = json.load(open(os.path.join(tmp_path, "summary.json")))
     assert summary["compute_steps"] == 10 and summary["interventions"] == 2
@@ -1295,7 +1366,8 @@ def test_autonpo_single_process(sft_model, tmp_path):
         assert ev[0]["delta"] == max(table, key=lambda r: (r["S"], -r["delta"]))["delta"]
     for r in ev[0]["table"]:  # the references are all correct: the external source solves every failed prompt
         if r["source"] == "external":
-            assert r["Q"] == (1.0 if r["pool_prompts"] else 0.0)
+            assert r["Q"] == pytest.approx(1.0 - r["learner_pass"] if r["pool_prompts"] else 0.0)
+        assert r["V"] is None or r["V"] >= 1 - 1e-12
 
 
 def test_forced_paths_under_torchrun(sft_model, unreachable_data, tmp_path):
@@ -1311,9 +1383,10 @@ def test_forced_paths_under_torchrun(sft_model, unreachable_data, tmp_path):
     assert all(r["all_wrong_share"] == 1 and r["injected"] == 0 for r in steps_of(m))
     future = [r for r in ev[0]["table"] if r["source"] == "future"]
     assert future[0]["Q"] == 0 and future[0]["pool_prompts"] == 16  # 2 steps x 8 failed prompts
-    m = train([*GRPO, *data, "--mode", "npo", "--guide_source", "external", "--model", sft_model, "--steps", "3"],
-              tmp_path / "external", ranks=2)
-    for r in steps_of(m):  # every group all wrong, so every group gets its prompt's reference
+    m = train([*GRPO, *data, "--mode", "npo", "--guide_source", "external", "--guide_ratio", "clip",
+               "--model", sft_model, "--steps", "3"], tmp_path / "external", ranks=2)
+    for r in steps_of(m):  # every group all wrong, so every group gets its prompt's reference (with
+        # clip the ratio is pi_theta / 1: the learner's own probability of the reference token)
         assert r["injected"] == r["rescued"] == 8 and 0 < r["ratio_max_guide"] <= 1
         assert r["all_wrong_share"] == 1 and r["all_wrong_share_mixed"] == 0 and r["accuracy"] == 0
         assert r["accuracy_mixed"] == pytest.approx(1 / 4)  # one slot of each group of 4
@@ -1335,7 +1408,7 @@ def empty_rank_worker(out, data):
     res = {"eval": npo.evaluate(S["engine"], tok, S["eval_rows"][:1], S["eval_prompts"][:1], args),
            "score_empty": npo.score_responses(tok, [], [], 4),
            "generate_empty": npo.generate(S["engine"], [], 2, 1.0, 1.0, 4, tok.eos_token_id, tok.pad_token_id),
-           "guide_empty": list(npo.sample_guide(S, args, [])), "cases": {}}
+           "guide_empty": list(npo.sample_correct(S, args, [])), "cases": {}}
     st = npo.new_npo_state()
     for step in range(3):
         npo.ring_push(st["ring"], npo.take_snapshot(S["model"], S["optim"], S["sched"], step), 6, args.ring_dir, step)
@@ -1348,7 +1421,8 @@ def empty_rank_worker(out, data):
             args.mode = mode
             state = {**st, "ring": list(st["ring"]), "pool": pool, "replay": replay, "compute_steps": 2}
             new_step, guide, rec = npo.intervene(S, args, state, 2, [1, 2], "test")
-            res["cases"][f"{name}/{mode}"] = {"new_step": new_step, "guide": sum(map(bool, guide.values())), **npo._json_safe(rec)}
+            res["cases"][f"{name}/{mode}"] = {"new_step": new_step, "guide": sum(map(bool, guide.values())),
+                                              "pool_after": len(state["pool"]), **npo._json_safe(rec)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     npo.close_engine(S["engine"])
@@ -1366,14 +1440,15 @@ def test_every_rank_survives_an_empty_share(unreachable_data, tmp_path):
         future = {r["delta"]: r for r in c0["table"] if r["source"] == "future"}
         assert all(r["Q"] == 0 for r in future.values())  # the guide solves nothing
         assert c0["guide"] == 0 and c0.get("guide_solved_share", 0) == 0
-        if name.endswith("/npo"):  # manual NPO rolls back by the Delta it is given
-            assert c0["new_step"] == 1 and "skipped" not in c0
-        else:  # AutoNPO: no candidate has signal
-            assert c0["new_step"] == 2 and "skipped" in c0
         pool = 8 if name.startswith("pool_on_rank0") else 0
+        if name.endswith("/npo"):  # manual NPO rolls back by the Delta it is given; the replayed step's
+            assert c0["new_step"] == 1 and "skipped" not in c0  # mistake-pool entries go with it
+            assert c0["pool_after"] == pool // 2
+        else:  # AutoNPO: the guide's Q is 0, within 2 standard errors of 0: no rollback
+            assert c0["new_step"] == 2 and "within 2 standard errors" in c0["skipped"] and c0["pool_after"] == pool
         assert future[1]["pool_prompts"] == future[2]["pool_prompts"] == pool // 2  # windows of one step
         external = {r["delta"]: r for r in c0["table"] if r["source"] == "external"}
-        assert external[2]["Q"] == (1.0 if pool else 0.0)
+        assert external[2]["Q"] == (1.0 if pool else 0.0) and external[2]["learner_pass"] == 0
 
 
 def test_overlong_rows_stop_the_run_or_are_dropped(tmp_path):
