@@ -1756,12 +1756,12 @@ def intervene(S, args, st, t, deltas, reason):
     entries of the replayed steps), syncs the engine and counts the intervention in `st`. The guide
     pool serves the replayed steps only (it expires at t). Returns (new step, guide pool, record)."""
     ring, device = st["ring"], S["device"]
-    current = take_snapshot(S["model"], S["optim"], S["sched"], t)
+    theta_t = {"model": _host_copy(S["model"].state_dict())}  # the guide's weights (qvs_table loads others)
     candidates = [t - d for d in deltas if any(e["step"] == t - d for e in ring) and d > 0]
     table, generated, scored = qvs_table(S, args, ring, t, candidates, st["pool"], st["replay"]) \
         if candidates else ([], 0, 0)
     if candidates:  # theta_t back in the trainer and in the engine
-        load_weights(current, S["model"])
+        load_weights(theta_t, S["model"])
         sync_weights(S["engine"], S["model"])
     future = [r for r in table if r["source"] == "future"]
     if args.mode == "npo":  # manual NPO: the Delta it is told
