@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (2 CPU cores are enough), and the set-up it needs.
-#   bash run.sh [--seeds 0,1,2] [--quick] [--methods grpo,npo,autonpo,past,external] [--out DIR]
-#                        set up .venv (first time only), SFT warm-up (cached in runs/sft), then the
-#                        paper comparison: GRPO, NPO (bootstrapping + plateau breakthrough) and AutoNPO
-#                        from the same base with the same seeds -> runs/compare/{results.json,
-#                        curves.png, qvs.png} and a printed table. --quick: a 3-minute version (tests)
-#   bash run.sh gpu      the same comparison on one GPU with a Qwen3-0.6B-shaped model built from a
+#   bash run.sh [--seeds 0,1,2,3,4] [--size full|quick|mul] [--methods grpo,npo,autonpo,past,external] [--out DIR]
+#                        set up .venv (first time only), an SFT base (cached), then the fair test of
+#                        the README: GRPO, NPO (bootstrapping), AutoNPO and the external source from
+#                        one base with the same seeds (default: seed 0, ~15 min) -> runs/compare/
+#                        {results.json, curves.png, qvs.png} (report.py) and printed tables.
+#                        --size quick (or --quick): a 3-minute smoke test of the pipeline (tests);
+#                        --size mul: the earlier bare-answer 3x1 comparison (150 steps, 3 seeds)
+#   bash run.sh gpu      the comparison on one GPU with a Qwen3-0.6B-shaped model built from a
 #                        config (no download), plus generated / trained tokens/s and MFU
 #   bash run.sh vl       the vision-language path: tiny Qwen3-VL, SFT then GRPO on counting shapes
 #   bash run.sh setup    only the set-up (what .ci/run does before the tests)
 #   bash run.sh bench    seconds per GRPO step split by phase: HF vs vLLM engine at two sizes, and
 #                        1 process vs torchrun with 2 ranks
-# Flags after the options go to every training run, e.g.  bash run.sh --seeds 0 --lr 5e-5
+# Flags after the options go to every training run, e.g.  bash run.sh --seeds 0,1 --lr 5e-5
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=main
@@ -81,7 +83,7 @@ compare() {
   # method with every seed; JOBS runs at a time, each on CPU_THREADS threads (on 2 cores two 1-thread
   # runs finish 1.3x sooner than one 2-thread run after the other). A finished run is skipped and a
   # killed one resumes from its checkpoint, so rerunning the command completes a killed comparison.
-  local seeds="" size=full out=runs/compare methods=grpo,npo,autonpo
+  local seeds="" size=full out=runs/compare methods=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --seeds) seeds="$2"; shift 2 ;;
@@ -92,26 +94,37 @@ compare() {
       *) break ;;
     esac
   done
-  [ -n "$seeds" ] || seeds=$([ $size = full ] && echo 0,1,2 || echo 0)
-  # sizes: full (the README's numbers), quick (a smoke test of the whole pipeline), gpu (run.sh gpu)
-  local steps ev es boot brk_at brk window cool ring sft sft_steps
+  # sizes: full (the fair test of the README: scratchpad multiplication, the regime chosen on GRPO
+  # alone), quick (a smoke test of the whole pipeline), mul (the earlier bare-answer comparison),
+  # gpu (run.sh gpu)
+  local steps ev es boot brk_at=0 brk=0 auto="" ring=10 sft sft_steps
   case $size in
-    full)  steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 window=15 cool=40 ring=10 sft=runs/sft sft_steps=800 ;;
-    quick) steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 window=4 cool=8 ring=3 sft="$out/sft" sft_steps=200
+    full)  steps=100 ev=10 es=2000 boot=30 sft=runs/sft_mulsteps sft_steps=150
+           SFT_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-3)
+           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4) ;;
+    quick) steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 auto="--trigger_window 4 --cooldown 8 --max_interventions 2"
+           ring=3 sft="$out/sft" sft_steps=200
            SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1) ;;
-    gpu)   steps=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 window=10 cool=30 ring=10 sft=runs/gpu/sft sft_steps=600
+    mul)   steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 sft=runs/sft sft_steps=800
+           auto="--trigger_window 15 --cooldown 40 --max_interventions 2" ;;
+    gpu)   steps=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 sft=runs/gpu/sft sft_steps=600
+           auto="--trigger_window 10 --cooldown 30 --max_interventions 2"
            SFT_FLAGS+=(--model runs/gpu/base --lr 1e-4 --sft_batch_size 256)
            RUN_FLAGS+=(--rollout vllm --lr 1e-5 --prompts_per_step 64 --micro_batch_size 128) ;;
     *) echo "unknown size $size"; exit 2 ;;
   esac
+  [ -n "$seeds" ] || seeds=$([ $size = mul ] && echo 0,1,2 || echo 0)
+  [ -n "$methods" ] || methods=$([ $size = mul ] && echo grpo,npo,autonpo || echo grpo,npo,autonpo,external)
   sft_base "$sft" $sft_steps "${SFT_FLAGS[@]}"
   mkdir -p "$out"
   local common=(--model "$sft/model" --steps $steps --eval_every $ev --eval_size $es --eval_samples 0
                 --ring_every $ring --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}" "$@")
+  local npo="--mode npo --bootstrap_delta $boot"
+  [ $brk_at = 0 ] || npo+=" --breakthrough_at $brk_at --breakthrough_delta $brk"
   declare -A flags=(
     [grpo]="--mode grpo"
-    [npo]="--mode npo --bootstrap_delta $boot --breakthrough_at $brk_at --breakthrough_delta $brk"
-    [autonpo]="--mode autonpo --trigger_window $window --cooldown $cool --max_interventions 2"
+    [npo]="$npo"
+    [autonpo]="--mode autonpo $auto"
     [past]="--mode npo --guide_source past"
     [external]="--mode npo --guide_source external")
   local jobs=() m seed
@@ -134,7 +147,7 @@ compare() {
     if [ $running -ge "${JOBS:-2}" ]; then wait -n || exit 1; running=$((running - 1)); fi
   done
   while [ $running -gt 0 ]; do wait -n || exit 1; running=$((running - 1)); done
-  $PY -c 'import sys, npo; npo.write_report(sys.argv[1], sys.argv[2])' "$out" "bash run.sh $mode $ARGS"
+  $PY report.py "$out" "bash run.sh $ARGS"
   echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
 }
 

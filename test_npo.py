@@ -9,15 +9,21 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 import data as npo_data
 import npo
+import report
 import verifier
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Two tiers: `pytest -m "not slow" test_npo.py` runs the pure functions in seconds (after every edit);
+# the end-to-end runs, torchrun and the engines are marked slow, and CI runs everything.
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)  # no pytest.ini: the card fixes the files
+SLOW = pytest.mark.slow
 SHARED = os.path.join(HERE, "..", "shared", "data")
 PY = sys.executable
 
@@ -32,6 +38,13 @@ def shared(name):
 # =============================================================================================
 # Advantages, log-probs, aggregation, KL, loss: against float64 loops and closed forms
 # =============================================================================================
+def test_docstring_examples():
+    """The >>> examples in npo.py's docstrings (grpo_advantages, inject_guide, make_batch, ...)."""
+    import doctest
+    res = doctest.testmod(npo)
+    assert res.attempted >= 8 and res.failed == 0
+
+
 def test_grpo_advantages_match_loop():
     g = torch.Generator().manual_seed(0)
     r = (torch.rand(6, 5, generator=g) > 0.5).double()
@@ -283,34 +296,6 @@ def test_past_solutions_newest_first_before_a_step():
     got = npo.past_solutions(replay, [7, 8, 9], m=2, before=6)
     assert got == {7: [([4], [-0.4]), ([3], [-0.3])], 8: [([2], [-0.2])], 9: []}
     assert npo.past_solutions(replay, [7], m=5)[7] == [([5], [-0.5]), ([4], [-0.4]), ([3], [-0.3]), ([1], [-0.1])]
-
-
-def test_mean_ci95_against_hand_computed_t_interval():
-    m, h = npo.mean_ci95([0.30, 0.34, 0.35])
-    sd = math.sqrt(((0.30 - 0.33) ** 2 + (0.34 - 0.33) ** 2 + (0.35 - 0.33) ** 2) / 2)
-    assert m == pytest.approx(0.33) and h == pytest.approx(4.303 * sd / math.sqrt(3))
-    assert npo.mean_ci95([0.5]) == (0.5, 0.0) and npo.mean_ci95([]) == (None, None)
-    assert npo.mean_ci95([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])[1] == pytest.approx(2.201 * math.sqrt(13) / math.sqrt(12), rel=1e-9)
-    # (sample variance of 1..n is n (n + 1) / 12; t_{0.975, 11} = 2.201 from a printed table)
-
-
-def test_first_reach_and_eval_points_follow_the_surviving_branch():
-    """A rollback at step 4 back to 2: the step axis keeps the retrained evaluations, the compute
-    axis keeps all of them, and 'reached' counts only an evaluation that survived."""
-    recs = [{"step": 0, "compute_steps": 0, "eval_greedy": 0.1, "wall_s": 0},
-            {"step": 2, "compute_steps": 2, "eval_greedy": 0.2, "wall_s": 2},
-            {"step": 4, "compute_steps": 4, "eval_greedy": 0.5, "wall_s": 4},
-            {"event": "intervention", "step": 4, "compute_steps": 4},
-            {"step": 4, "compute_steps": 6, "eval_greedy": 0.4, "wall_s": 7},
-            {"step": 6, "compute_steps": 8, "eval_greedy": 0.45, "wall_s": 9}]
-    for r in recs:  # model FLOPs: 100 a step, and 50 for the intervention's sampling and scoring
-        r["compute_flops"] = 100 * r["compute_steps"] + 50 * (r["compute_steps"] > 4 or "event" in r)
-    assert [p[:2] for p in npo.eval_points(recs, "step")] == [(0, 0.1), (2, 0.2), (4, 0.4), (6, 0.45)]
-    assert [p[0] for p in npo.eval_points(recs, "compute_steps")] == [0, 2, 4, 6, 8]
-    assert [p[0] for p in npo.eval_points(recs, "compute_flops")] == [0, 200, 400, 650, 850]
-    assert npo.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "compute_flops": 850, "wall_s": 9}
-    assert npo.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "compute_flops": 650, "wall_s": 7}
-    assert npo.first_reach(recs, 0.6) is None
 
 
 def np_var(xs):
@@ -682,6 +667,7 @@ def test_eval_file_prompts_never_trained_on(tmp_path):
     assert len(evals) == 5 and len(train) == 25
 
 
+@SLOW
 def test_bad_data_file_is_a_clean_error(tmp_path):
     path = _write(tmp_path / "d.jsonl", ['{"question": "1+1?", "answer": "2"}', '{"question": "2+2?"}'])
     p = subprocess.run([PY, "npo.py", "--data", path, "--out", str(tmp_path / "o"), "--steps", "1"],
@@ -768,6 +754,7 @@ def test_count_task_labels_match_the_drawn_shapes():
     assert {r["answer"] for r in rows} == {"1", "2", "3", "4"}
 
 
+@SLOW
 def test_image_prompts_expand_like_the_processor_and_never_truncate(tiny_vl_model, tmp_path):
     args = npo.parse_args(["--model", tiny_vl_model, "--out", str(tmp_path), "--max_pixels", "9216"])
     proc = npo.load_processor(tiny_vl_model, args)
@@ -801,7 +788,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_vl_model(tmp_path_factory):
-    return npo.build_tiny_vl(str(tmp_path_factory.mktemp("tiny_vl")), seed=0)
+    return npo.build_tiny(str(tmp_path_factory.mktemp("tiny_vl")), seed=0, vision=True)
 
 
 @pytest.fixture(scope="module")
@@ -812,6 +799,7 @@ def world_of_one(tiny_model, tmp_path_factory):
     return path, args
 
 
+@SLOW
 def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
     """The HF engine's log-probs: with top_p = 1 they equal the trainer's recomputed log-probs
     (logits / T); with top_p < 1 they are the distribution it sampled from, renormalised over the
@@ -823,12 +811,12 @@ def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
     engine = npo.make_engine(path, args, dev)
     npo.sync_weights(engine, model)
     prompts = npo.encode_prompts(tok, npo_data.make_task("mul", n_train=10, n_eval=0)[0], 128, "t")
-    samples = npo.generate(engine, prompts, 3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
+    samples = npo.generate(engine, prompts, npo.Sampling(3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id))
     batch = npo.make_batch(prompts, samples, 3, tok.pad_token_id)
     lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
     m = batch["resp_mask"].bool()
     assert (lp[m] - batch["behav_logp"][m]).abs().max().item() < 1e-5
-    samples = npo.generate(engine, prompts, 2, 0.9, 0.6, 6, tok.eos_token_id, tok.pad_token_id)
+    samples = npo.generate(engine, prompts, npo.Sampling(2, 0.9, 0.6, 6, tok.eos_token_id, tok.pad_token_id))
     errors = nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, tok.pad_token_id)
     assert len(errors) > 10 and max(errors) < 1e-5
 
@@ -859,6 +847,7 @@ def nucleus_logprob_errors(model, prompts, samples, n, T, top_p, pad_id, vision=
     return errors
 
 
+@SLOW
 def test_source_qv_matches_per_trajectory_float64(world_of_one):
     """Q, V and S of a source from source_qv (padded micro-batches through the FSDP trainer)
     against a reference that scores each trajectory alone with a float64 copy of the model."""
@@ -869,12 +858,12 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
     tok = npo.load_tokenizer(path)
     rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
     prompts = npo.encode_prompts(tok, rows, 128, "t")
-    S = {"device": dev, "tokenizer": tok, "model": npo.load_policy(path, args, dev), "processor": None,
-         "train_rows": rows, "train_prompts": prompts}
+    trainer = npo.Trainer(args=args, device=dev, tokenizer=tok, model=npo.load_policy(path, args, dev),
+                          train_rows=rows, train_prompts=prompts)
     g = torch.Generator().manual_seed(0)
     sols = {r: [(torch.randint(4, 60, (int(n),), generator=g).tolist(), (-torch.rand(int(n), generator=g)).tolist())
                 for n in torch.randint(1, 6, (k,), generator=g)] for r, k in ((0, 2), (2, 1), (5, 3), (6, 0))}
-    got = npo.source_qv(S, args, sols, [0, 1, 2, 6], {0: False, 1: True, 2: True, 6: False})
+    got = npo.source_qv(trainer, sols, [0, 1, 2, 6], {0: False, 1: True, 2: True, 6: False})
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     ws = []
     for r, trajs in sols.items():
@@ -890,17 +879,17 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
     v = len(ws) * sum(w * w for w in ws) / sum(ws) ** 2
     assert got["V"] == pytest.approx(v, rel=1e-4) and got["var_w"] == pytest.approx(np_var(ws), rel=1e-4)
     assert got["V"] > 1 and got["S"] == 0
-    got = npo.source_qv(S, args, sols, [0, 2], {0: False, 2: False})
+    got = npo.source_qv(trainer, sols, [0, 2], {0: False, 2: False})
     assert got["Q"] == 1.0 and got["S"] == pytest.approx(1 / v, rel=1e-4)
 
 
+@SLOW
 def test_reference_solutions_are_verified_with_unit_source_probability(world_of_one):
     path, _ = world_of_one
     tok = npo.load_tokenizer(path)
     rows = npo_data.make_task("mul", n_train=3, n_eval=0)[0] + npo_data.make_task("countdown", n_train=2, n_eval=0)[0]
     rows[4] = {**rows[4], "target": rows[4]["target"] + 1}  # its reference no longer reaches the target
-    S = {"tokenizer": tok, "train_rows": rows}
-    sols = npo.reference_solutions(S, [0, 1, 2, 3, 4])
+    sols = npo.reference_solutions(npo.Trainer(tokenizer=tok, train_rows=rows), [0, 1, 2, 3, 4])
     assert sols[4] == [] and all(len(sols[i]) == 1 for i in range(4))
     for i in range(4):
         ids, lps = sols[i][0]
@@ -932,12 +921,12 @@ def vllm_worker(path, out):
     prompts = npo.encode_prompts(tok, rows, 128, "t", proc)
     vision = npo.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, 1, 0.0, 1.0, 8, eos, pad, vision=vision)]  # noqa: E731
+    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 8, eos, pad), vision)]  # noqa: E731
     snap0 = npo.take_snapshot(model, optim, sched, 0)
     greedy0 = greedy()
     gaps, moved = [], []
     for _ in range(3):
-        samples = npo.generate(engine, prompts, 2, 1.0, 1.0, 8, eos, pad, vision=vision)
+        samples = npo.generate(engine, prompts, npo.Sampling(2, 1.0, 1.0, 8, eos, pad), vision)
         batch = npo.make_batch(prompts, samples, 2, pad, vision)
         m = batch["resp_mask"].bool()
         before, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
@@ -951,7 +940,7 @@ def vllm_worker(path, out):
         moved.append((after[m] - before[m]).abs().max().item())
         npo.sync_weights(engine, model)
     greedy1 = greedy()
-    samples = npo.generate(engine, prompts, 2, 0.9, 0.6, 8, eos, pad, vision=vision)  # top-p: the nucleus log-probs
+    samples = npo.generate(engine, prompts, npo.Sampling(2, 0.9, 0.6, 8, eos, pad), vision)  # top-p: the nucleus log-probs
     nucleus = max(nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, pad, vision))
     npo.load_weights(snap0, model)
     npo.sync_weights(engine, model)
@@ -963,6 +952,7 @@ def vllm_worker(path, out):
         torch.distributed.destroy_process_group()
 
 
+@SLOW
 @HAS_VLLM
 @pytest.mark.parametrize("ranks", [1, 2])
 @pytest.mark.parametrize("kind", ["text", "vl"])
@@ -994,6 +984,13 @@ def _as_engine_names(trainer, names):
     return out, covered
 
 
+def engine_weights(engine):
+    """The engine's weights as it samples with them."""
+    if engine["kind"] == "hf":
+        return {k: v.detach().cpu() for k, v in engine["model"].state_dict().items()}
+    return npo.vllm_control(engine, "read")
+
+
 def sync_worker(path, out, rollout, dtype):
     """Trainer (FSDP2, --dtype) and engine on every rank: one large update so the weights are not
     the checkpoint's, a sync, then (a) the weights the trainer computes with (captured inside its
@@ -1017,14 +1014,14 @@ def sync_worker(path, out, rollout, dtype):
     computed = {}
     hooks = [m.register_forward_pre_hook(lambda mod, _, name=name: computed.__setitem__(name + ".weight", mod.weight.detach().clone()))
              for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
-    samples = npo.generate(engine, prompts, 4, 1.0, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
+    samples = npo.generate(engine, prompts, npo.Sampling(4, 1.0, 1.0, 8, tok.eos_token_id, tok.pad_token_id))
     batch = npo.make_batch(prompts, samples, 4, tok.pad_token_id)
     lp, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
     for h in hooks:
         h.remove()
     m = batch["resp_mask"].bool()
     gap = (lp[m] - batch["behav_logp"][m]).abs()
-    held = {k: v for k, v in npo.engine_weights(engine).items() if v.numel()}  # packed ones read back empty
+    held = {k: v for k, v in engine_weights(engine).items() if v.numel()}  # packed ones read back empty
     held_as_trainer, covered = _as_engine_names(computed, held)
     first = lambda a, b: a[:b.shape[0]] if a.shape[0] > b.shape[0] else a  # noqa: E731  (vocab padded)
     res = {"computed": len(computed), "params": len(sent), "computed_dtypes": sorted({str(v.dtype) for v in computed.values()}),
@@ -1039,6 +1036,7 @@ def sync_worker(path, out, rollout, dtype):
         torch.distributed.destroy_process_group()
 
 
+@SLOW
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_weight_sync_is_exact_and_logprobs_agree(tiny_model, tmp_path, rollout, dtype):
@@ -1053,6 +1051,7 @@ def test_weight_sync_is_exact_and_logprobs_agree(tiny_model, tmp_path, rollout, 
     assert res["gap_max"] < (0.1 if dtype == "bf16" else 1e-5) and res["tokens"] > 20
 
 
+@SLOW
 def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
     path, args = world_of_one
     dev = torch.device("cpu")
@@ -1084,6 +1083,7 @@ def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
     assert sched.last_epoch == 1
 
 
+@SLOW
 def test_ring_buffer_files_eviction_gc_and_exact_restore(world_of_one, tmp_path):
     """Ring snapshots are files written once; the ring keeps the newest K by name; ring_gc deletes
     a file only when neither the ring nor a complete checkpoint refers to it."""
@@ -1197,6 +1197,7 @@ def _had_signal(records):
     return any(r["zero_signal_share"] < 1 for r in steps_of(records))
 
 
+@SLOW
 def test_grpo_single_process(sft_model, tmp_path):
     out = str(tmp_path)
     m = train([*GRPO, "--model", sft_model, "--steps", "4"], out)
@@ -1209,6 +1210,7 @@ def test_grpo_single_process(sft_model, tmp_path):
     assert _params_changed(sft_model, os.path.join(out, "model")) == _had_signal(m)
 
 
+@SLOW
 def test_grpo_torchrun_two_ranks(sft_model, tmp_path):
     out = str(tmp_path)
     m = train([*GRPO, "--model", sft_model, "--steps", "3", "--loss_agg", "seq-mean-token-mean"], out, ranks=2)
@@ -1232,6 +1234,7 @@ def assert_same_run(a, b):
                 assert ra[key] == rb[key], (ra["step"], key)
 
 
+@SLOW
 @pytest.mark.parametrize("mode", [[], pytest.param(["--rollout", "vllm"], marks=HAS_VLLM, id="vllm")])
 def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path, mode):
     """Stop after step 3 (newest checkpoint: step 2), resume, and get the uninterrupted run's numbers."""
@@ -1249,6 +1252,7 @@ KILLED_NPO = [*GRPO, "--mode", "npo", "--bootstrap_delta", "4", "--breakthrough_
               "2", "--ring_every", "2", "--save_every", "3", "--steps", "10", "--no_save_model", "--resume"]
 
 
+@SLOW
 def test_killed_at_any_moment_resumes_without_loss(sft_model, tmp_path):
     """A 2-rank NPO run (two rollbacks, ring snapshots, checkpoints every 3 steps) is SIGKILLed inside
     a checkpoint write, inside a ring snapshot write, inside an intervention and twice at random
@@ -1286,6 +1290,7 @@ def test_killed_at_any_moment_resumes_without_loss(sft_model, tmp_path):
     assert_same_run(want, metrics(out))
 
 
+@SLOW
 def test_checkpoint_is_one_training_state_and_the_ring_is_written_once(sft_model, tmp_path):
     """With the default ring (6 snapshots) an NPO checkpoint weighs what a GRPO checkpoint weighs:
     the ring's snapshots are files of their own, each written once, that checkpoints refer to."""
@@ -1302,6 +1307,7 @@ def test_checkpoint_is_one_training_state_and_the_ring_is_written_once(sft_model
     assert all(os.path.getsize(tmp_path / "npo" / "ring" / f) < 1.05 * size(grpo) for f in files)  # at most one state each
 
 
+@SLOW
 @HAS_VLLM
 def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
     """--rollout vllm end to end under torchrun: exits 0, trains, the sampler matches the trainer
@@ -1317,6 +1323,7 @@ def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
     assert not left, f"processes left behind: {left}"
 
 
+@SLOW
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
 def test_bf16_grpo_and_an_npo_intervention_on_cpu(sft_model, tmp_path, rollout):
     """The GPU dtype path end to end on CPU (--dtype bf16): two GRPO steps, a rollback, four more;
@@ -1329,6 +1336,7 @@ def test_bf16_grpo_and_an_npo_intervention_on_cpu(sft_model, tmp_path, rollout):
         assert abs(r["tis_ratio_mean"] - 1) < 0.02
 
 
+@SLOW
 def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
     m = train([*GRPO, "--mode", "npo", "--model", sft_model, "--steps", "6", "--bootstrap_delta", "2",
                "--breakthrough_at", "5", "--breakthrough_delta", "2", "--ring_every", "2"], tmp_path)
@@ -1356,6 +1364,7 @@ AUTONPO = ["--mode", "autonpo", "--ring_every", "2", "--trigger_window", "2", "-
 # rise by 10 per step; the other two triggers cannot fire)
 
 
+@SLOW
 def test_autonpo_single_process(sft_model, tmp_path):
     m = train([*GRPO, *AUTONPO, "--model", sft_model, "--steps", "6"], tmp_path)
     ev = events(m)
@@ -1370,6 +1379,7 @@ def test_autonpo_single_process(sft_model, tmp_path):
         assert r["V"] is None or r["V"] >= 1 - 1e-12
 
 
+@SLOW
 def test_forced_paths_under_torchrun(sft_model, unreachable_data, tmp_path):
     """2 ranks. On data nobody can solve: NPO's guide solves nothing (nothing is injected, the
     intervention still rolls back), and the external source injects into every group. On the 1x1
@@ -1403,32 +1413,33 @@ def empty_rank_worker(out, data):
     args = npo.parse_args(["--mode", "npo", "--bootstrap_delta", "2", "--out", out, "--data", data, *UNREACHABLE,
                            "--prompts_per_step", "4", "--group_size", "2", "--ring_every", "1", "--guide_samples", "2",
                            "--micro_batch_size", "2"])
-    S = npo.setup(args)
-    tok = S["tokenizer"]
-    res = {"eval": npo.evaluate(S["engine"], tok, S["eval_rows"][:1], S["eval_prompts"][:1], args),
+    trainer = npo.setup(args)
+    tok = trainer.tokenizer
+    res = {"eval": npo.evaluate(trainer, trainer.eval_rows[:1], trainer.eval_prompts[:1]),
            "score_empty": npo.score_responses(tok, [], [], 4),
-           "generate_empty": npo.generate(S["engine"], [], 2, 1.0, 1.0, 4, tok.eos_token_id, tok.pad_token_id),
-           "guide_empty": list(npo.sample_correct(S, args, [])), "cases": {}}
-    st = npo.new_npo_state()
+           "generate_empty": npo.generate(trainer.engine, [], npo.Sampling(2, 1.0, 1.0, 4, tok.eos_token_id, tok.pad_token_id)),
+           "guide_empty": list(npo.sample_correct(trainer, [])), "cases": {}}
+    ring = []
     for step in range(3):
-        npo.ring_push(st["ring"], npo.take_snapshot(S["model"], S["optim"], S["sched"], step), 6, args.ring_dir, step)
-    mine = [i for step in range(2) for i in npo.prompts_for_step(step, len(S["train_rows"]), 4, 0, rank, world)]
+        npo.ring_push(ring, npo.take_snapshot(trainer.model, trainer.optim, trainer.sched, step), 6, args.ring_dir, step)
+    mine = [i for step in range(2) for i in npo.prompts_for_step(step, len(trainer.train_rows), 4, 0, rank, world)]
     success = [(0, mine[0], [5, 6], [-0.1, -0.2])]
     cases = {"pool_on_rank0": ([(s, i) for s in range(2) for i in mine] if rank == 0 else [], success if rank == 0 else []),
              "pool_on_no_rank": ([], [])}
     for name, (pool, replay) in cases.items():
         for mode in ("npo", "autonpo"):
             args.mode = mode
-            state = {**st, "ring": list(st["ring"]), "pool": pool, "replay": replay, "compute_steps": 2}
-            new_step, guide, rec = npo.intervene(S, args, state, 2, [1, 2], "test")
-            res["cases"][f"{name}/{mode}"] = {"new_step": new_step, "guide": sum(map(bool, guide.values())),
-                                              "pool_after": len(state["pool"]), **npo._json_safe(rec)}
+            state = npo.NPOState(ring=list(ring), mistake_pool=pool, replay=replay, compute_steps=2)
+            new_step, rec = npo.intervene(trainer, state, 2, [1, 2], "test")
+            res["cases"][f"{name}/{mode}"] = {"new_step": new_step, "guide": sum(map(bool, state.guide_pool.values())),
+                                              "pool_after": len(state.mistake_pool), **npo._json_safe(rec)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-    npo.close_engine(S["engine"])
+    npo.close_engine(trainer.engine)
     torch.distributed.destroy_process_group()
 
 
+@SLOW
 def test_every_rank_survives_an_empty_share(unreachable_data, tmp_path):
     run(launcher(2) + [__file__, "empty_rank_worker", str(tmp_path), unreachable_data], timeout=300)
     r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
@@ -1451,6 +1462,7 @@ def test_every_rank_survives_an_empty_share(unreachable_data, tmp_path):
         assert external[2]["Q"] == (1.0 if pool else 0.0) and external[2]["learner_pass"] == 0
 
 
+@SLOW
 def test_overlong_rows_stop_the_run_or_are_dropped(tmp_path):
     """One prompt over --max_prompt_tokens stops the run by default (file, row, field); with
     --filter_overlong_prompts it is dropped and counted, and a file with nothing left is refused."""
@@ -1470,6 +1482,7 @@ def test_overlong_rows_stop_the_run_or_are_dropped(tmp_path):
     assert p.returncode != 0 and "every prompt is over --max_prompt_tokens" in p.stderr and "Traceback" not in p.stderr
 
 
+@SLOW
 def test_past_source_trains_through_the_same_injection(sft_model, tmp_path):
     """--guide_source past (the policy's own earlier successes) injects into failing groups at every
     step through the same loss, without rollbacks. The 1x1 task has ~70 training prompts, so a
@@ -1483,34 +1496,6 @@ def test_past_source_trains_through_the_same_injection(sft_model, tmp_path):
     p = subprocess.run([PY, "npo.py", "--mode", "autonpo", "--guide_source", "past"], cwd=HERE,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "--guide_source past injects at every step" in p.stderr
-
-
-def test_run_sh_quick_writes_the_comparison(tmp_path):
-    """`bash run.sh --quick`: SFT base, GRPO / NPO / AutoNPO on one seed, then results.json,
-    curves.png and qvs.png; a second call keeps the finished runs and only rewrites the report."""
-    out = str(tmp_path / "compare")
-    p = run(["bash", "run.sh", "--quick", "--out", out], timeout=900)
-    assert "| method | final greedy acc |" in p.stdout and "paper's shape" in p.stdout
-    res = json.load(open(os.path.join(out, "results.json")))
-    assert list(res["methods"]) == ["grpo", "npo", "autonpo"]
-    for name, m in res["methods"].items():
-        assert m["seeds"] == [0] and 0 <= m["final_greedy"]["mean"] <= 1 and m["final_greedy"]["ci95"] == 0
-        assert m["steps"]["mean"] == 24
-    assert res["methods"]["npo"]["compute_steps"]["mean"] == 24 + 6 + 6  # two rollbacks of 6 steps
-    assert res["methods"]["npo"]["interventions"]["mean"] == 2
-    assert res["target_greedy"] == res["methods"]["grpo"]["final_greedy"]["mean"]
-    assert {"npo", "autonpo", "s_interior_peak", "future_highest_s"} <= res["claims"].keys()
-    tables = res["qvs"]["tables"]
-    assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "external"} for t in tables)
-    assert res["throughput"]["grpo"]["gen_tokens_per_s"] > 0 and res["throughput"]["grpo"]["params"] > 0
-    for png in ("curves.png", "qvs.png"):
-        with open(os.path.join(out, png), "rb") as f:
-            data = f.read()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    t = time.time()
-    again = run(["bash", "run.sh", "--quick", "--out", out])
-    assert again.stdout.count("done before, kept") == 3 and time.time() - t < 60
-
 
 
 VL_TASK = ["--data", "count", "--difficulty", "3", "--eval_size", "12", "--eval_samples", "2"]
@@ -1533,6 +1518,7 @@ def _vision_params_changed(before, after):
     return changed([k for k in a if ".visual." in k]), changed([k for k in a if ".visual." not in k])
 
 
+@SLOW
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
 def test_vl_grpo_single_process(vl_sft_model, tmp_path, rollout):
     out = str(tmp_path / "run")
@@ -1544,6 +1530,7 @@ def test_vl_grpo_single_process(vl_sft_model, tmp_path, rollout):
     assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (_had_signal(m),) * 2
 
 
+@SLOW
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
 def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
     """AutoNPO on image prompts under torchrun (ranks score different numbers of guide
@@ -1556,6 +1543,130 @@ def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
     steps = steps_of(metrics(out))
     assert all(abs(r["tis_ratio_max"] - 1) < 1e-4 for r in steps)
     assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (False, _had_signal(metrics(out)))
+
+
+# =============================================================================================
+# Report (report.py): the comparison's statistics against hand-computed values
+# =============================================================================================
+def test_mean_ci95_against_hand_computed_t_interval():
+    m, h = report.mean_ci95([0.30, 0.34, 0.35])
+    sd = math.sqrt(((0.30 - 0.33) ** 2 + (0.34 - 0.33) ** 2 + (0.35 - 0.33) ** 2) / 2)
+    assert m == pytest.approx(0.33) and h == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert report.mean_ci95([0.5]) == (0.5, 0.0) and report.mean_ci95([]) == (None, None)
+    assert report.mean_ci95([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])[1] == pytest.approx(2.201 * math.sqrt(13) / math.sqrt(12), rel=1e-9)
+    # (sample variance of 1..n is n (n + 1) / 12; t_{0.975, 11} = 2.201 from a printed table)
+
+
+def test_first_reach_and_eval_points_follow_the_surviving_branch():
+    """A rollback at step 4 back to 2: the step axis keeps the retrained evaluations, the compute
+    axis keeps all of them, and 'reached' counts only an evaluation that survived."""
+    recs = [{"step": 0, "compute_steps": 0, "eval_greedy": 0.1, "wall_s": 0},
+            {"step": 2, "compute_steps": 2, "eval_greedy": 0.2, "wall_s": 2},
+            {"step": 4, "compute_steps": 4, "eval_greedy": 0.5, "wall_s": 4},
+            {"event": "intervention", "step": 4, "compute_steps": 4},
+            {"step": 4, "compute_steps": 6, "eval_greedy": 0.4, "wall_s": 7},
+            {"step": 6, "compute_steps": 8, "eval_greedy": 0.45, "wall_s": 9}]
+    for r in recs:  # model FLOPs: 100 a step, and 50 for the intervention's sampling and scoring
+        r["compute_flops"] = 100 * r["compute_steps"] + 50 * (r["compute_steps"] > 4 or "event" in r)
+    assert [p[:2] for p in report.eval_points(recs, "step")] == [(0, 0.1), (2, 0.2), (4, 0.4), (6, 0.45)]
+    assert [p[0] for p in report.eval_points(recs, "compute_steps")] == [0, 2, 4, 6, 8]
+    assert [p[0] for p in report.eval_points(recs, "compute_flops")] == [0, 200, 400, 650, 850]
+    assert report.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "compute_flops": 850, "wall_s": 9}
+    assert report.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "compute_flops": 650, "wall_s": 7}
+    assert report.first_reach(recs, 0.6) is None
+
+
+
+
+def _run(evals, seed_flops=100, event_at=None):
+    """Synthetic metrics records: evaluations {step: acc} every step given, compute 1 step each."""
+    recs = []
+    for i, (step, acc) in enumerate(sorted(evals.items())):
+        recs.append({"step": step, "compute_steps": step, "compute_flops": seed_flops * step, "eval_greedy": acc,
+                     "wall_s": step, "injected": 1})
+    return recs
+
+
+def test_auc_against_trapezoid_by_hand():
+    recs = _run({0: 0.2, 10: 0.3, 20: 0.5, 30: 0.5})
+    # trapezoids: 10 * 0.25 + 10 * 0.4 + 10 * 0.5 = 11.5 over 30 steps
+    assert report.auc(recs, 30) == pytest.approx(11.5 / 30)
+    assert report.auc(recs, 20) == pytest.approx(6.5 / 20)
+    assert report.auc(recs, 40) is None  # the run stops before step 40
+
+
+def test_paired_difference_and_null_verdict():
+    d = report.paired([0.5, 0.6, 0.7, None], [0.4, 0.4, 0.6, 0.3])  # differences 0.1, 0.2, 0.1
+    sd = math.sqrt(((0.1 - 0.4 / 3) ** 2 * 2 + (0.2 - 0.4 / 3) ** 2) / 2)
+    assert d["n"] == 3 and d["mean"] == pytest.approx(0.4 / 3) and d["ci95"] == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert d["excludes_0"] == (abs(d["mean"]) > d["ci95"])
+    assert not report.paired([0.5, 0.3], [0.4, 0.4])["excludes_0"]  # differences +0.1, -0.1: a null
+    assert not report.paired([0.5], [0.4])["excludes_0"]  # one seed: no interval, no claim
+
+
+def test_summary_target_and_paired_metrics_on_synthetic_runs():
+    """Base 0.2 (step 0), GRPO ends at 0.4 and 0.6 (mean gain 0.3, target 0.35); the other method
+    gets there 10 steps sooner on both seeds."""
+    runs = {"grpo": {0: _run({0: 0.2, 10: 0.3, 20: 0.36, 30: 0.4}), 1: _run({0: 0.2, 10: 0.3, 20: 0.5, 30: 0.6})},
+            "npo": {0: _run({0: 0.2, 10: 0.36, 20: 0.4, 30: 0.42}), 1: _run({0: 0.2, 10: 0.4, 20: 0.5, 30: 0.55})}}
+    s = report.summarize_comparison(runs, auc_steps=30)
+    assert s["base_greedy"] == pytest.approx(0.2) and s["target_greedy"] == pytest.approx(0.35)
+    g, n = s["methods"]["grpo"], s["methods"]["npo"]
+    assert [g["per_seed"][k]["steps_to_target"] for k in (0, 1)] == [20, 20]
+    assert [n["per_seed"][k]["steps_to_target"] for k in (0, 1)] == [10, 10]
+    assert n["vs_grpo"]["steps_to_target"]["mean"] == -10 and n["vs_grpo"]["steps_to_target"]["ci95"] == 0
+    assert n["vs_grpo"]["flops_to_target"]["mean"] == -1000
+    assert n["vs_grpo"]["final"]["mean"] == pytest.approx((0.42 - 0.4 + 0.55 - 0.6) / 2)
+    assert n["final"]["n"] == 2 and g["reached_target"] == 2
+    assert n["auc"]["mean"] == pytest.approx(((0.2 + 0.36) / 2 + (0.36 + 0.4) / 2 + (0.4 + 0.42) / 2
+                                              + (0.2 + 0.4) / 2 + (0.4 + 0.5) / 2 + (0.5 + 0.55) / 2) / 6)
+    assert "| npo |" in report.comparison_table(s)
+
+
+def test_qvs_shapes_interior_and_edges():
+    def event(s_by_delta, chosen):
+        table = [{"source": "future", "delta": d, "S": v, "Q": v, "V": 1.0} for d, v in s_by_delta.items()]
+        table += [{"source": "external", "delta": d, "S": 0.5, "Q": 0.5, "V": 1.0} for d in s_by_delta]
+        return {"event": "intervention", "step": 40, "reason": "stagnation", "delta": chosen, "table": table}
+    runs = {"autonpo": {0: [event({10: 0.1, 20: 0.3, 30: 0.2}, 20)], 1: [event({10: 0.3, 20: 0.2, 30: 0.1}, 10)],
+                        2: [event({10: 0.1, 20: 0.2}, 20), event({10: 0.1, 20: 0.2, 30: 0.6}, 30)]}}
+    q = report.qvs_shapes(runs)
+    assert [t["shape"] for t in q["tables"]] == ["interior", "smallest Delta", "fewer than 3 candidates", "largest Delta"]
+    assert q["interior_peak"] == 1 and q["with_3plus_deltas"] == 3 and q["interventions"] == 4
+    assert q["future_best_source"] == 1  # only the last: 0.6 > the external 0.5
+    # a Delta below the run's --min_delta was never a candidate: the shape is judged without it
+    below = {**event({5: 0.9, 10: 0.1, 20: 0.3, 30: 0.2}, 20), "min_delta": 10}
+    assert report.qvs_shapes({"autonpo": {0: [below]}})["tables"][0]["shape"] == "interior"
+
+
+@SLOW
+def test_run_sh_quick_writes_the_comparison(tmp_path):
+    """`bash run.sh --quick`: SFT base, GRPO / NPO / AutoNPO / the external source on one seed, then
+    report.py's results.json, curves.png and qvs.png; a second call keeps the finished runs and only
+    rewrites the report."""
+    out = str(tmp_path / "compare")
+    p = run(["bash", "run.sh", "--quick", "--out", out], timeout=900)
+    assert "| method | final acc |" in p.stdout and "| method - grpo (paired, same seeds) |" in p.stdout
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert list(res["methods"]) == ["grpo", "npo", "autonpo", "external"]
+    for name, m in res["methods"].items():
+        assert m["seeds"] == [0] and 0 <= m["final"]["mean"] <= 1 and m["final"]["ci95"] == 0
+        assert m["steps"]["mean"] == 24
+    assert res["methods"]["npo"]["compute_steps"]["mean"] == 24 + 6 + 6  # two rollbacks of 6 steps
+    assert res["methods"]["npo"]["interventions"]["mean"] == 2
+    assert res["methods"]["external"]["interventions"]["mean"] == 0
+    grpo = res["methods"]["grpo"]["final"]["mean"]
+    assert res["target_greedy"] == pytest.approx(res["base_greedy"] + (grpo - res["base_greedy"]) / 2)
+    tables = res["qvs"]["tables"]
+    assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "external"} for t in tables)
+    assert res["throughput"]["grpo"]["gen_tokens_per_s"] > 0 and res["throughput"]["grpo"]["params"] > 0
+    for png in ("curves.png", "qvs.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    t = time.time()
+    again = run(["bash", "run.sh", "--quick", "--out", out])
+    assert again.stdout.count("done before, kept") == 4 and time.time() - t < 60
 
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)

@@ -1,0 +1,375 @@
+"""The comparison's statistics and plots: a separate program over metrics files, no training code.
+
+    python report.py runs/compare        # -> results.json, curves.png, qvs.png and a printed table
+
+`runs/compare` holds one directory per method and seed, `<method>_seed<k>/metrics.jsonl`, as
+`bash run.sh` writes them (a finished or a partial comparison). The metrics follow the protocol in
+the README, fixed before the runs:
+- target = base + 50% of GRPO's mean gain (base: the held-out greedy accuracy at step 0, which is
+  the same SFT model for every run); optimizer steps and compute (model FLOPs, guide sampling and
+  Q / V scoring included) to the first evaluation at or above it on the surviving branch;
+- area under the held-out curve over steps 0..`auc_steps`, as a mean accuracy;
+- final held-out accuracy;
+each as a mean over seeds with a 95% t-interval, and as the paired difference to GRPO on the same
+seeds with its 95% t-interval (an interval containing 0 is a null). S(Delta) at every intervention
+is counted interior when its argmax is neither the smallest nor the largest candidate Delta.
+Needs numpy and matplotlib only.
+"""
+import json
+import math
+import os
+import sys
+
+# two-sided 95% Student t quantiles t_{0.975, df}; beyond df = 30 the normal 1.96 is within 4%
+T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+                       2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074,
+                       2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042], start=1))
+PAPER = {"grpo": 57.88, "npo": 62.84, "autonpo": 63.15, "early_speedup": 2.1,
+         "setting": "Qwen3-VL-8B-Instruct, average of 8 multimodal reasoning benchmarks"}
+ORDER = ["grpo", "npo", "autonpo", "past", "external"]
+
+
+def mean_ci95(xs):
+    """(mean, half-width of the 95% t-interval) of a sample; half-width 0 for one value."""
+    xs = [float(x) for x in xs if x is not None]
+    if not xs:
+        return None, None
+    n, m = len(xs), sum(xs) / len(xs)
+    if n == 1:
+        return m, 0.0
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, T975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def ci(xs):
+    """{"mean", "ci95", "n"} of the values that are not None."""
+    m, h = mean_ci95(xs)
+    return {"mean": m, "ci95": h, "n": sum(x is not None for x in xs)}
+
+
+def paired(xs, ys):
+    """The paired difference x - y over the seeds where both exist, with its 95% t-interval and
+    whether that interval excludes 0."""
+    d = [x - y for x, y in zip(xs, ys) if x is not None and y is not None]
+    out = ci(d)
+    out["excludes_0"] = out["n"] >= 2 and out["ci95"] is not None and abs(out["mean"]) > out["ci95"]
+    return out
+
+
+def eval_points(records, axis):
+    """[(x, held-out greedy accuracy, wall_s)] of one run. axis 'step': the surviving branch only (a
+    rollback retrains steps; the later evaluation of a step replaces the earlier one). Any other
+    axis ('compute_steps', 'compute_flops'): every evaluation in the order it happened."""
+    pts = [(r.get(axis, r["step"]), r["eval_greedy"], r.get("wall_s", 0.0))
+           for r in records if "eval_greedy" in r and "event" not in r]
+    if axis == "step":
+        pts = sorted({x: (x, a, w) for x, a, w in pts}.values())
+    return pts
+
+
+def first_reach(records, target):
+    """Optimizer step, compute steps, compute FLOPs and seconds of the first evaluation at or above
+    `target` on the surviving branch (None when the run never gets there)."""
+    survivor = {x: a for x, a, _ in eval_points(records, "step")}
+    for r in records:
+        if "eval_greedy" in r and "event" not in r and r["eval_greedy"] >= target - 1e-12 \
+                and survivor.get(r["step"]) == r["eval_greedy"]:
+            return {"step": r["step"], "compute_steps": r.get("compute_steps", r["step"]),
+                    "compute_flops": r.get("compute_flops"), "wall_s": r.get("wall_s", 0.0)}
+    return None
+
+
+def auc(records, last_step):
+    """Mean held-out accuracy over steps 0..last_step (trapezoid over the surviving branch's
+    evaluations, divided by last_step); None when the run stops before last_step."""
+    pts = [(x, a) for x, a, _ in eval_points(records, "step") if x <= last_step]
+    if not pts or pts[-1][0] < last_step or pts[0][0] != 0:
+        return None
+    return sum((x1 - x0) * (a0 + a1) / 2 for (x0, a0), (x1, a1) in zip(pts, pts[1:])) / last_step
+
+
+def load_comparison(root):
+    """{method: {seed: metrics records}} from root/<method>_seed<k>/metrics.jsonl. Each run's
+    smallest Delta AutoNPO may choose (--min_delta, from its args.json) rides on its intervention
+    records as "min_delta", so that S(Delta)'s shape is judged over the candidates it chose from."""
+    runs = {}
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d, "metrics.jsonl")
+        if "_seed" in d and os.path.isfile(path):
+            method, seed = d.rsplit("_seed", 1)
+            with open(path) as f:
+                rec = [json.loads(ln) for ln in f if ln.strip()]
+            args_path = os.path.join(root, d, "args.json")
+            if os.path.isfile(args_path):
+                with open(args_path) as f:
+                    min_delta = json.load(f).get("min_delta") or 1
+                for r in rec:
+                    if r.get("event") == "intervention":
+                        r.setdefault("min_delta", min_delta)
+            runs.setdefault(method, {})[int(seed)] = rec
+    rank = lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m)  # noqa: E731
+    return dict(sorted(runs.items(), key=lambda kv: rank(kv[0])))
+
+
+def _evals(rec):
+    return [r for r in rec if "eval_greedy" in r and "event" not in r]
+
+
+def summarize_comparison(runs, baseline="grpo", auc_steps=50):
+    """Per method: the protocol's metrics (mean and 95% CI over seeds, paired difference to the
+    baseline on the same seeds), compute totals, interventions and injected samples; plus the
+    S(Delta) shape at every intervention."""
+    base = mean_ci95([_evals(rec)[0]["eval_greedy"] for s in runs.values() for rec in s.values()])[0]
+    grpo_final = mean_ci95([_evals(rec)[-1]["eval_greedy"] for rec in runs[baseline].values()])[0]
+    target = base + 0.5 * (grpo_final - base)
+    per_seed = {}
+    for method, seeds in runs.items():
+        rows = {}
+        for k, rec in sorted(seeds.items()):
+            reach = first_reach(rec, target) or {}
+            last = [r for r in rec if "event" not in r][-1]
+            rows[k] = {"final": _evals(rec)[-1]["eval_greedy"], "auc": auc(rec, auc_steps),
+                       "steps_to_target": reach.get("step"), "flops_to_target": reach.get("compute_flops"),
+                       "compute_steps_to_target": reach.get("compute_steps"),
+                       "compute_flops": last.get("compute_flops"), "compute_steps": last.get("compute_steps"),
+                       "steps": last["step"], "wall_s": last.get("wall_s"),
+                       "interventions": sum(r.get("event") == "intervention" and "skipped" not in r for r in rec),
+                       "injected": sum(r.get("injected", 0) for r in rec if "event" not in r)}
+        per_seed[method] = rows
+    metrics = ["final", "auc", "steps_to_target", "flops_to_target"]
+    out = {"baseline": baseline, "base_greedy": base, "grpo_final": grpo_final, "target_greedy": target,
+           "auc_steps": auc_steps, "methods": {}}
+    for method, rows in per_seed.items():
+        seeds = sorted(rows)
+        col = lambda key: [rows[k][key] for k in seeds]  # noqa: E731
+        m = {"seeds": seeds, "per_seed": rows,
+             "reached_target": sum(v is not None for v in col("steps_to_target"))}
+        for key in metrics + ["compute_steps_to_target", "compute_flops", "compute_steps", "steps", "wall_s",
+                              "interventions", "injected"]:
+            m[key] = ci(col(key))
+        if method != baseline:
+            ref = per_seed[baseline]
+            both = [k for k in seeds if k in ref]
+            m["vs_" + baseline] = {key: paired([rows[k][key] for k in both], [ref[k][key] for k in both])
+                                   for key in metrics}
+        out["methods"][method] = m
+    out["qvs"] = qvs_shapes(runs)
+    return out
+
+
+def qvs_shapes(runs):
+    """Every intervention's Q / V / S table, and over those with at least three candidate Deltas
+    (>= the run's --min_delta) for the near-future source: how often S(Delta) peaks inside (not at
+    the smallest or largest Delta), and how often the near-future source has the highest S at the
+    Delta chosen."""
+    tables = []
+    for method, seeds in runs.items():
+        for seed, rec in sorted(seeds.items()):
+            for r in rec:
+                if r.get("event") != "intervention" or not r.get("table"):
+                    continue
+                fut = sorted((x for x in r["table"] if x["source"] == "future" and x["delta"] >= r.get("min_delta", 1)),
+                             key=lambda x: x["delta"])
+                shape = "fewer than 3 candidates"
+                if len(fut) >= 3:
+                    peak = max(range(len(fut)), key=lambda i: (fut[i]["S"] if fut[i]["S"] is not None else -1e9, -i))
+                    shape = "interior" if 0 < peak < len(fut) - 1 else ("smallest Delta" if peak == 0 else "largest Delta")
+                chosen = {x["source"]: x["S"] for x in r["table"] if x["delta"] == r.get("delta")}
+                tables.append({"run": f"{method}_seed{seed}", "method": method, "step": r["step"],
+                               "reason": r["reason"], "delta": r.get("delta"), "skipped": r.get("skipped"),
+                               "S_by_delta": {x["delta"]: x["S"] for x in fut},
+                               "Q_by_delta": {x["delta"]: x["Q"] for x in fut}, "shape": shape,
+                               "future_best": bool(chosen) and (chosen.get("future") or 0) > max(
+                                   (v or 0) for s, v in chosen.items() if s != "future"),
+                               "table": r["table"]})
+    wide = [t for t in tables if t["shape"] != "fewer than 3 candidates"]
+    return {"interventions": len(tables), "with_3plus_deltas": len(wide),
+            "interior_peak": sum(t["shape"] == "interior" for t in wide),
+            "future_best_source": sum(t["future_best"] for t in tables), "tables": tables}
+
+
+def throughput(records):
+    """Generated tokens/s in the generate phase, trained tokens/s in the train phase, and the train
+    phase's model FLOP utilisation where the device's peak is known."""
+    steps = [r for r in records if "train_s" in r and "event" not in r]
+    head = next((r for r in records if "params" in r), {})
+    gen_s, train_s = sum(r["generate_s"] for r in steps), sum(r["train_s"] for r in steps)
+    out = {"gen_tokens_per_s": sum(r["step_tokens"] for r in steps) / gen_s if gen_s else None,
+           "train_tokens_per_s": sum(r.get("train_tokens", 0) for r in steps) / train_s if train_s else None,
+           "device": head.get("device"), "params": head.get("params"), "mfu": None}
+    if head.get("peak_flops") and train_s:
+        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / head["peak_flops"]
+    return out
+
+
+def _fmt(d, p=3, scale=1.0):
+    if d["mean"] is None:
+        return "-"
+    return f"{d['mean'] / scale:.{p}f} ± {d['ci95'] / scale:.{p}f}"
+
+
+def comparison_table(summary):
+    """Two markdown tables (also the README's): per method, then paired differences to GRPO."""
+    auc_steps, flops = summary["auc_steps"], 1e12
+    head = (f"| method | final acc | AUC steps 0-{auc_steps} | steps to target | compute to target (TFLOP) "
+            "| total compute (TFLOP) | interventions | injected |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for method, r in summary["methods"].items():
+        n = len(r["seeds"])
+        reached = "" if r["reached_target"] == n else f" ({r['reached_target']}/{n} seeds)"
+        lines.append(f"| {method} | {_fmt(r['final'])} | {_fmt(r['auc'])} | {_fmt(r['steps_to_target'], 0)}{reached} | "
+                     f"{_fmt(r['flops_to_target'], 1, flops)} | {_fmt(r['compute_flops'], 1, flops)} | "
+                     f"{_fmt(r['interventions'], 1)} | {_fmt(r['injected'], 0)} |")
+    base = summary["baseline"]
+    head = (f"| method - {base} (paired, same seeds) | final acc | AUC steps 0-{auc_steps} | steps to target "
+            "| compute to target (TFLOP) |")
+    lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
+    for method, r in summary["methods"].items():
+        if method == base:
+            continue
+        cells = []
+        for key, p, scale in (("final", 3, 1), ("auc", 3, 1), ("steps_to_target", 1, 1), ("flops_to_target", 1, flops)):
+            d = r["vs_" + base][key]
+            verdict = "" if d["mean"] is None else (" " if d["excludes_0"] else " (null)")
+            cells.append(f"{'+' if (d['mean'] or 0) > 0 else ''}{_fmt(d, p, scale)}{verdict}"
+                         + (f" [n={d['n']}]" if d["n"] != len(r["seeds"]) else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+STYLES = {"grpo": ("k", "-", "o"), "npo": ("C0", "--", "s"), "autonpo": ("C1", "-.", "^"),
+          "past": ("C2", ":", "v"), "external": ("C3", (0, (5, 2, 1, 2)), "D")}
+
+
+def plot_curves(runs, summary, path):
+    """Held-out accuracy against optimizer steps and against total compute: one line per method
+    (mean over seeds, band = 95% CI), each with its own colour, dash and marker so that identical
+    curves stay visible; the target (base + 50% of GRPO's gain) dashed."""
+    import numpy as np
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, axis, label in ((axes[0], "step", "optimizer step"),
+                            (axes[1], "compute_flops", "total compute, TFLOP (repeated steps, guide sampling, Q/V scoring)")):
+        scale = 1e12 if axis == "compute_flops" else 1
+        for i, (method, seeds) in enumerate(runs.items()):
+            color, dash, marker = STYLES.get(method, (f"C{i + 4}", "-", "x"))
+            curves = [eval_points(rec, axis) for rec in seeds.values()]
+            end = min(c[-1][0] for c in curves)
+            grid = sorted({x for c in curves for x, _, _ in c if x <= end})
+            ys = [np.interp(grid, [x for x, _, _ in c], [a for _, a, _ in c]) for c in curves]
+            stats = [mean_ci95(col) for col in zip(*ys)]
+            mean, half = np.array([m for m, _ in stats]), np.array([h for _, h in stats])
+            x = np.array(grid) / scale
+            ax.plot(x, mean, color=color, linestyle=dash, marker=marker, markersize=4, markevery=max(1, len(x) // 10),
+                    label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+            ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.12, linewidth=0)
+        ax.axhline(summary["target_greedy"], color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out greedy accuracy")
+    axes[0].legend(loc="lower right")
+    fig.suptitle("held-out accuracy (mean, band = 95% CI over seeds; dashed grey: base + 50% of GRPO's gain)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_qvs(qvs, path):
+    """Left: S(Delta) of the near-future guide at every intervention (one line each; the chosen Delta
+    circled). Right: Q against V for the three kinds of source at the intervention with the most
+    candidates, lines of equal S = Q / V dashed."""
+    import numpy as np
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for t in qvs["tables"]:
+        d = sorted(k for k, v in t["S_by_delta"].items() if v is not None)
+        if not d:
+            continue
+        color, dash, _ = STYLES.get(t["method"], ("C5", "-", "x"))
+        left.plot(d, [t["S_by_delta"][k] for k in d], color=color, linestyle=dash, marker=".", alpha=0.6)
+        if t["delta"] in t["S_by_delta"] and not t["skipped"]:
+            left.plot([t["delta"]], [t["S_by_delta"][t["delta"]]], "o", mfc="none", color=color, markersize=9)
+    for method in sorted({t["method"] for t in qvs["tables"]}, key=lambda m: ORDER.index(m) if m in ORDER else 9):
+        color, dash, _ = STYLES.get(method, ("C5", "-", "x"))
+        left.plot([], [], color=color, linestyle=dash, label=method)
+    left.axhline(0, color="gray", linewidth=0.8)
+    left.set_xlabel("Delta (learner = ring snapshot t - Delta, guide = theta_t)")
+    left.set_ylabel("S = Q / V of the near-future guide")
+    left.set_title("S(Delta) at each intervention (circle: the Delta chosen)", fontsize=10)
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    tab = max(qvs["tables"], key=lambda t: (len(t["S_by_delta"]), -t["step"]))
+    for i, source in enumerate(("future", "past", "external")):
+        rows = sorted((x for x in tab["table"] if x["source"] == source and x["V"]), key=lambda x: x["delta"])
+        right.plot([x["V"] for x in rows], [x["Q"] for x in rows], "o-", color=f"C{i}", label=source)
+        for x in rows if source == "future" else []:
+            right.annotate(f"Δ{x['delta']}", (x["V"], x["Q"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    lo, hi = right.get_xlim()
+    v = np.linspace(lo, hi, 20)
+    for level in (0.1, 0.3, 1.0):
+        right.plot(v, level * v, "--", color="gray", alpha=0.4, linewidth=0.8)
+    right.set_xlim(lo, hi)
+    right.set_xlabel("V = E[w^2] / E[w]^2 (1 = on-policy)")
+    right.set_ylabel("Q = excess solve rate on the learner's failed prompts")
+    right.set_title(f"{tab['run']}, step {tab['step']} ({tab['reason']}); dashed: S = 0.1, 0.3, 1", fontsize=10)
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(root, command=""):
+    """results.json, the printed tables, curves.png and qvs.png for the comparison under `root`."""
+    runs = load_comparison(root)
+    if "grpo" not in runs:
+        sys.exit(f"report: no grpo_seed<k>/metrics.jsonl under {root}: the paired statistics need GRPO")
+    summary = summarize_comparison(runs)
+    summary["throughput"] = {m: throughput(seeds[min(seeds)]) for m, seeds in runs.items()}
+    summary.update(command=command, paper=PAPER, machine=f"{os.cpu_count()} CPU cores, device "
+                   + str(summary["throughput"]["grpo"]["device"]))
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(_json_safe(summary), f, indent=1, allow_nan=False)
+    plot_curves(runs, summary, os.path.join(root, "curves.png"))
+    if summary["qvs"]["tables"]:
+        plot_qvs(summary["qvs"], os.path.join(root, "qvs.png"))
+    print(f"base (SFT) {summary['base_greedy']:.3f}, GRPO final {summary['grpo_final']:.3f}, "
+          f"target (base + 50% of GRPO's gain) {summary['target_greedy']:.3f}")
+    print(comparison_table(summary))
+    q = summary["qvs"]
+    print(f"S(Delta) interior at {q['interior_peak']} of {q['with_3plus_deltas']} interventions with >= 3 "
+          f"candidates ({q['interventions']} in all); near-future source highest S at the chosen Delta in "
+          f"{q['future_best_source']} of {q['interventions']}")
+    for t in q["tables"]:
+        s = ", ".join(f"{d}: {v:.3f}" for d, v in sorted(t["S_by_delta"].items()) if v is not None)
+        print(f"  {t['run']} step {t['step']} ({t['reason']}): S(Delta) {{{s}}} -> "
+              + (f"skipped ({t['skipped']})" if t["skipped"] else f"Delta {t['delta']}") + f", {t['shape']}")
+    for method, t in summary["throughput"].items():
+        mfu = f", MFU {100 * t['mfu']:.1f}%" if t["mfu"] is not None else ""
+        print(f"{method}: generated {t['gen_tokens_per_s']:.0f} tokens/s, trained {t['train_tokens_per_s']:.0f} tokens/s{mfu}")
+    print(f"paper (Qwen3-VL-8B): GRPO {PAPER['grpo']}, NPO {PAPER['npo']}, AutoNPO {PAPER['autonpo']}, "
+          f"~{PAPER['early_speedup']}x faster early convergence")
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python report.py RUNS_DIR [command that made it]")
+    write_report(sys.argv[1], " ".join(sys.argv[2:]))
