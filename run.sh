@@ -155,7 +155,7 @@ gpu() {
   # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary: ~0.44B
   # parameters) built from a config, SFT warm-up on the synthetic task, then the comparison with
   # vLLM rollouts in bf16 on one seed, 100 steps per method.
-  [ -f runs/gpu/base/config.json ] || $PY -c "import npo; npo.build_tiny('runs/gpu/base', \
+  [ -f runs/gpu/base/config.json ] || $PY -c "import data; data.build_tiny('runs/gpu/base', \
       hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16, \
       num_key_value_heads=8, head_dim=128)"
   JOBS=1 CPU_THREADS=8 compare --size gpu --out runs/gpu/compare "$@"
@@ -186,7 +186,7 @@ bench() {
   #            vLLM engines on 1 process, and HF on torchrun with 2 ranks (gloo, FSDP2);
   #   heavy:   generation-heavy (a 9.5M model built from a config, 64 prompts x 8, 128 new tokens).
   sft_base runs/sft 800
-  [ -f runs/bench/tiny10m/config.json ] || $PY -c "import npo; npo.build_tiny('runs/bench/tiny10m', \
+  [ -f runs/bench/tiny10m/config.json ] || $PY -c "import data; data.build_tiny('runs/bench/tiny10m', \
       hidden_size=256, num_hidden_layers=12, intermediate_size=768, head_dim=64)"
   common="--mode grpo --eval_every 1000 --eval_size 8 --eval_samples 0 --no_save_model --save_every 0 --quiet"
   default="$common --model runs/sft/model --steps 30"

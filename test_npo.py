@@ -783,12 +783,12 @@ def test_image_prompts_expand_like_the_processor_and_never_truncate(tiny_vl_mode
 # =============================================================================================
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return npo.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
+    return npo_data.build_tiny(str(tmp_path_factory.mktemp("tiny")), seed=0)
 
 
 @pytest.fixture(scope="module")
 def tiny_vl_model(tmp_path_factory):
-    return npo.build_tiny(str(tmp_path_factory.mktemp("tiny_vl")), seed=0, vision=True)
+    return npo_data.build_tiny(str(tmp_path_factory.mktemp("tiny_vl")), seed=0, vision=True)
 
 
 @pytest.fixture(scope="module")
@@ -919,7 +919,7 @@ def vllm_worker(path, out):
     npo.sync_weights(engine, model)
     rows = npo_data.make_task("count" if proc else "mul", n_train=16, n_eval=0)[0][rank::world]
     prompts = npo.encode_prompts(tok, rows, 128, "t", proc)
-    vision = npo.vision_inputs(proc, rows)
+    vision = npo_data.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 8, eos, pad), vision)]  # noqa: E731
     snap0 = npo.take_snapshot(model, optim, sched, 0)
