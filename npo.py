@@ -33,6 +33,7 @@ with a character-level tokenizer; `tiny-vl`, its Qwen3-VL twin) is loaded like a
 """
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import logging
@@ -168,6 +169,7 @@ def is_embedded(model):
     """The embedded tiny model, freshly built or saved by an earlier run (its config is marked)."""
     return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))
 
+@functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
     if model in ("tiny", "tiny-vl") or os.path.isdir(model):
@@ -708,7 +710,8 @@ def score_responses(tokenizer, rows, samples, n):
 def evaluate(trainer, rows=None, prompts=None):
     """Held-out greedy pass@1 and mean accuracy of k samples at the training temperature, over all
     ranks (each rank takes every world-th prompt)."""
-    rows, prompts = rows if rows is not None else trainer.eval_rows, prompts if prompts is not None else trainer.eval_prompts
+    if rows is None:
+        rows, prompts = trainer.eval_rows, trainer.eval_prompts
     mine = list(range(trainer.rank, len(rows), trainer.world))
     my_rows, my_prompts = [rows[i] for i in mine], [prompts[i] for i in mine]
     vision, k = npo_data.vision_inputs(trainer.processor, my_rows), trainer.args.eval_samples
