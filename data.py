@@ -346,8 +346,13 @@ def sft_response(row):
     return row.get("solution", row["answer"])
 
 
+def sft_target(tokenizer, row):
+    """A row's reference response as token ids, EOS included (the SFT target, the external source)."""
+    return tokenizer(sft_response(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 # =============================================================================================
-# Images -> model inputs, with the model's processor: what npo.py's data path calls for VL rows
+# Rows -> model inputs: chat prompts as token ids (image placeholders expanded), images as pixels
 # =============================================================================================
 def expand_image_tokens(processor, text, sizes):
     """The chat text with each image placeholder repeated once per token its image becomes (what
@@ -358,6 +363,39 @@ def expand_image_tokens(processor, text, sizes):
         raise ValueError(f"{len(parts) - 1} image placeholders in the chat text for {len(sizes)} images")
     counts = [ip.get_number_of_image_patches(h, w, {}) // ip.merge_size ** 2 for h, w in sizes]
     return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
+
+
+def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False):
+    """Token ids of each row's chat prompt (assistant header included; a VL model's image
+    placeholders expanded to the image's number of tokens). A prompt over the limit is an error
+    naming the row, before training (truncating would change the task or cut through image
+    tokens); with `drop_overlong` its entry is None instead (see keep_encoded)."""
+    out = []
+    for i, row in enumerate(rows):
+        text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        if row.get("images") and processor is None:
+            raise DataError(f"{where} row {i + 1}: has images, but the model is text-only")
+        if processor is not None and row.get("images"):
+            sizes = [image_size(x, f"{where} row {i + 1}: field 'images'") for x in row["images"]]
+            try:
+                text = expand_image_tokens(processor, text, sizes)
+            except ValueError as e:
+                raise DataError(f"{where} row {i + 1}: field 'prompt': {e}") from None
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) > max_prompt_tokens and not drop_overlong:
+            what = " with its images" if row.get("images") else ""
+            raise DataError(f"{where} row {i + 1}: prompt{what} has {len(ids)} tokens, over "
+                            f"--max_prompt_tokens {max_prompt_tokens}")
+        out.append(ids if len(ids) <= max_prompt_tokens else None)
+    return out
+
+
+def keep_encoded(rows, prompts, where):
+    """The rows (and prompt ids) encode_prompts kept; refuses a dataset with none left."""
+    kept = [(r, p) for r, p in zip(rows, prompts) if p is not None]
+    if rows and not kept:
+        raise DataError(f"{where}: every prompt is over --max_prompt_tokens; nothing is left to train on")
+    return [r for r, _ in kept], [p for _, p in kept]
 
 
 def vision_inputs(processor, rows):
@@ -374,6 +412,27 @@ def vision_inputs(processor, rows):
         v = processor.image_processor(images=images, return_tensors="pt")
         out.append({"images": images, "pixel_values": v["pixel_values"], "image_grid_thw": v["image_grid_thw"]})
     return out
+
+
+def vision_kwargs(vision, input_ids, image_token_id, device):
+    """Model inputs for sequences whose vision_inputs() entries are `vision` (None for text):
+    patches in sequence order, their grids and mm_token_type_ids (the model derives M-RoPE
+    positions from them). {} when no sequence has an image."""
+    import torch
+    vision = [v for v in vision or [] if v is not None]
+    if not vision:
+        return {}
+    return {"pixel_values": torch.cat([v["pixel_values"] for v in vision]).to(device),
+            "image_grid_thw": torch.cat([v["image_grid_thw"] for v in vision]).to(device),
+            "mm_token_type_ids": (input_ids == image_token_id).long()}
+
+
+def vision_token_ids(config):
+    """A VL model's placeholder tokens. The policy never writes them: both samplers suppress them
+    and the trainer's log-probs renormalise without them, so sampler and trainer keep one distribution."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [getattr(config, k) for k in names if getattr(config, k, None) is not None] \
+        if hasattr(config, "vision_config") else []
 
 
 # =============================================================================================

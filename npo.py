@@ -299,6 +299,8 @@ def log0(*a):
 
 
 # ======== 4. Model and tokenizer ===============================================================
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype: trainer compute (master weights fp32), engine, sync
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
@@ -320,10 +322,6 @@ def pixel_bounds(processor, args):
     """The processor's resize bounds (in pixels) with --min_pixels / --max_pixels applied."""
     size = processor.image_processor.size
     return {"shortest_edge": args.min_pixels or size.shortest_edge, "longest_edge": args.max_pixels or size.longest_edge}
-
-def compute_dtype(args):
-    """What the trainer computes in (master weights stay fp32), the engine samples in and the sync sends."""
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
 
 def attn_implementation(args, device):
     if args.attn:
@@ -350,7 +348,7 @@ def load_policy(path, args, device):
         if not hasattr(model.model, "visual"):
             raise SystemExit(f"error: --vision_frozen: {path} has no vision tower")
         model.model.visual.requires_grad_(False)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(args), reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[args.dtype], reduce_dtype=torch.float32)
     units = set(model._no_split_modules or [])
     for module in list(model.modules()):
         if type(module).__name__ in units:
@@ -383,40 +381,8 @@ def model_path(args):
 
 # ======== 5. Data ==============================================================================
 # rows -> chat prompts (token ids) -> padded batches; the data order is a pure function of the step.
-def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False):
-    """Token ids of each row's chat prompt (assistant header included; a VL model's image
-    placeholders expanded to the image's number of tokens). A prompt over the limit is an error
-    naming the row, before training (truncating would change the task or cut through image
-    tokens); with `drop_overlong` its entry is None instead (see keep_encoded)."""
-    out = []
-    for i, row in enumerate(rows):
-        text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
-        if row.get("images") and processor is None:
-            raise npo_data.DataError(f"{where} row {i + 1}: has images, but the model is text-only")
-        if processor is not None and row.get("images"):
-            sizes = [npo_data.image_size(x, f"{where} row {i + 1}: field 'images'") for x in row["images"]]
-            try:
-                text = npo_data.expand_image_tokens(processor, text, sizes)
-            except ValueError as e:
-                raise npo_data.DataError(f"{where} row {i + 1}: field 'prompt': {e}") from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) > max_prompt_tokens and not drop_overlong:
-            what = " with its images" if row.get("images") else ""
-            raise npo_data.DataError(f"{where} row {i + 1}: prompt{what} has {len(ids)} tokens, over "
-                                     f"--max_prompt_tokens {max_prompt_tokens}")
-        out.append(ids if len(ids) <= max_prompt_tokens else None)
-    return out
-
-def keep_encoded(rows, prompts, where):
-    """The rows (and prompt ids) encode_prompts kept; says how many were dropped, refuses none left."""
-    kept = [(r, p) for r, p in zip(rows, prompts) if p is not None]
-    if len(kept) < len(rows):
-        log0(f"data: dropped {len(rows) - len(kept)} of {len(rows)} rows of {where} whose prompt is over "
-             f"--max_prompt_tokens (--filter_overlong_prompts)")
-    if rows and not kept:
-        raise npo_data.DataError(f"{where}: every prompt is over --max_prompt_tokens; nothing is left to train on")
-    return [r for r, _ in kept], [p for _, p in kept]
-
+# Rows are read and encoded by data.py (load_data, encode_prompts), which also turns a VL row's images
+# into model inputs (vision_inputs, vision_kwargs): a text reader can skip those.
 def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
     """Row indices this rank trains on at `step`: epochs of seeded permutations cut into global
     batches, each split evenly over ranks.
@@ -473,34 +439,10 @@ def make_batch(prompts, samples, n, pad_id, vision=None):
     return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos, "resp_mask": resp_mask,
             "behav_logp": behav, "prompt_len": P, "vision": vision}
 
-def sft_target(tokenizer, row):
-    """A row's reference response as token ids, EOS included (the SFT target, the external source)."""
-    return tokenizer(npo_data.sft_response(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-
 def sft_batch(tokenizer, rows, prompts, idx, processor=None):
-    targets = [sft_target(tokenizer, rows[i]) for i in idx]
+    targets = [npo_data.sft_target(tokenizer, rows[i]) for i in idx]
     return make_batch([prompts[i] for i in idx], [(t, [0.0] * len(t)) for t in targets], 1,
                       tokenizer.pad_token_id, npo_data.vision_inputs(processor, [rows[i] for i in idx]))
-
-
-# ---- vision-language inputs (a text reader can skip this block; images -> pixels: data.vision_inputs) --
-def vision_token_ids(config):
-    """A VL model's placeholder tokens. The policy never writes them: both samplers suppress them
-    and the trainer's log-probs renormalise without them, so sampler and trainer keep one distribution."""
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return [getattr(config, k) for k in names if getattr(config, k, None) is not None] \
-        if hasattr(config, "vision_config") else []
-
-def vision_kwargs(vision, input_ids, image_token_id, device):
-    """Model inputs for sequences whose vision inputs are `vision` (None for text): patches in
-    sequence order, their grids and mm_token_type_ids (the model derives M-RoPE positions from
-    them). {} when no sequence has an image."""
-    vision = [v for v in vision or [] if v is not None]
-    if not vision:
-        return {}
-    return {"pixel_values": torch.cat([v["pixel_values"] for v in vision]).to(device),
-            "image_grid_thw": torch.cat([v["image_grid_thw"] for v in vision]).to(device),
-            "mm_token_type_ids": (input_ids == image_token_id).long()}
 
 
 # ======== 6. Rollout engine and rewards ========================================================
@@ -538,7 +480,7 @@ def pick_rollout(rollout, tiny, max_new_tokens):
 def make_engine(path, args, device, max_images=0):
     """The rollout engine, sampling in the trainer's compute dtype (`max_images`: the most images
     one prompt of the data has, for vLLM)."""
-    dtype = compute_dtype(args)
+    dtype = DTYPES[args.dtype]
     if args.rollout == "hf":
         model = load_hf_model(path, dtype, attn_implementation(args, device), device).eval()
         return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
@@ -580,7 +522,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
         for k in lent:
             os.environ.pop(k, None)
     config = llm.llm_engine.model_config.hf_config
-    banned = set(vision_token_ids(config))
+    banned = set(npo_data.vision_token_ids(config))
     vocab = llm.llm_engine.model_config.get_vocab_size()
     return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False,
             "vision": bool(mm), "image_token_id": getattr(config, "image_token_id", None),
@@ -683,12 +625,12 @@ def _generate_hf(engine, prompts, spec, vision=None):
         do_sample=not greedy, temperature=None if greedy else spec.temperature, top_p=None if greedy else spec.top_p,
         top_k=None if greedy else 0, repetition_penalty=1.0, max_new_tokens=spec.max_new_tokens,
         num_return_sequences=spec.n, eos_token_id=spec.eos_id, pad_token_id=spec.pad_id, output_scores=True,
-        return_dict_in_generate=True, suppress_tokens=vision_token_ids(model.config) or None)
+        return_dict_in_generate=True, suppress_tokens=npo_data.vision_token_ids(model.config) or None)
     out, per_call = [], max(1, spec.batch_size // spec.n)
     for s in range(0, len(prompts), per_call):
         ids, mask = left_pad(prompts[s:s + per_call], spec.pad_id)                   # [b, P]
         ids = ids.to(device)
-        vis = vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
+        vis = npo_data.vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
         res = model.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=cfg, **vis)
         new = res.sequences[:, ids.shape[1]:].cpu()                                  # [b*n, R]
         scores = torch.stack(res.scores, dim=1).float()                             # [b*n, R, V] processed logits
@@ -833,26 +775,32 @@ def forward_logprobs(model, batch, idx, temperature, device, entropy=False):
     logits at temperature T, as the sampler used them."""
     P = batch["prompt_len"]
     ids = batch["input_ids"][idx].to(device)                                         # [n, P+R]
-    vis = vision_kwargs([batch["vision"][i] for i in idx.tolist()], ids, model.config.image_token_id, device) \
+    vis = npo_data.vision_kwargs([batch["vision"][i] for i in idx.tolist()], ids, model.config.image_token_id, device) \
         if batch.get("vision") else {}
     pos = None if vis else batch["position_ids"][idx].to(device)  # a VL model computes its M-RoPE positions
     out = model(input_ids=ids, attention_mask=batch["attention_mask"][idx].to(device), position_ids=pos,
                 use_cache=False, **vis)
     logits = out.logits[:, P - 1:-1].float() / temperature                           # [n, R, V]
-    banned = vision_token_ids(model.config)
+    banned = npo_data.vision_token_ids(model.config)
     if banned:  # as the samplers do (exp(-1e9) = 0, and the entropy stays finite)
         logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -1e9)
     return token_logprobs(logits, ids[:, P:]), (token_entropy(logits.detach()) if entropy else None)
 
 @torch.no_grad()
-def recompute_logprobs(model, batch, temperature, micro_batch_size, device, entropy=True):
-    """Old log-probs (and entropies) of the whole batch under the current weights: [N, R] each."""
-    N, logps, ents = batch["input_ids"].shape[0], [], []
-    for s in range(0, N, micro_batch_size):
-        lp, en = forward_logprobs(model, batch, torch.arange(s, min(N, s + micro_batch_size)), temperature, device, entropy)
+def recompute_logprobs(model, batch, temperature, micro_batch_size, device, entropy=True, dummy=None):
+    """Log-probs (and entropies) of every response in `batch` under the current weights: [N, R] each.
+    With `dummy` (a one-sequence batch), ranks holding different numbers of sequences (batch None:
+    none) still make the same number of forward calls, as FSDP's all-gathers inside forward need."""
+    N, mb, logps, ents = 0 if batch is None else batch["input_ids"].shape[0], micro_batch_size, [], []
+    calls = math.ceil(N / mb) if dummy is None else int(all_reduce([max(1, math.ceil(N / mb))], device, "max")[0])
+    for s in range(0, calls * mb, mb):
+        if s >= N:
+            forward_logprobs(model, dummy, torch.arange(1), temperature, device)
+            continue
+        lp, en = forward_logprobs(model, batch, torch.arange(s, min(N, s + mb)), temperature, device, entropy)
         logps.append(lp.cpu())
         ents.append(en.cpu() if entropy else None)
-    return torch.cat(logps), (torch.cat(ents) if entropy else None)
+    return (torch.cat(logps) if logps else None), (torch.cat(ents) if entropy and logps else None)
 
 def optimizer_step(model, optim, sched, grad_clip):
     """Clip the global gradient norm, step, zero the gradients; returns the norm before clipping."""
@@ -898,10 +846,8 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
 # written atomically (a temp name, then one rename).
 def _host_copy(x):
     """Detached CPU copy of a tensor (a DTensor's local shard), recursing into containers."""
-    if isinstance(x, DTensor):
-        return x.to_local().detach().to("cpu", copy=True)
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", copy=True)
+        return (x.to_local() if isinstance(x, DTensor) else x).detach().to("cpu", copy=True)
     if isinstance(x, dict):
         return {k: _host_copy(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -1193,26 +1139,10 @@ def reference_solutions(trainer, rows_idx):
     tok, cache = trainer.tokenizer, trainer.references
     new = sorted(set(rows_idx) - cache.keys())
     if new:
-        sols = [sft_target(tok, trainer.train_rows[i]) for i in new]
+        sols = [npo_data.sft_target(tok, trainer.train_rows[i]) for i in new]
         ok = score_responses(tok, [trainer.train_rows[i] for i in new], [(ids, None) for ids in sols], 1)
         cache.update({i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(new, sols, ok)})
     return {i: list(cache[i]) for i in set(rows_idx)}
-
-@torch.no_grad()
-def sequence_logprobs_padded(model, batch, args, device, dummy):
-    """Response log-probs of every sequence in `batch` (None: none on this rank) with the same
-    number of forward calls on every rank: FSDP all-gathers inside forward, so a rank with fewer
-    sequences runs `dummy` (a one-sequence batch like the real ones) to keep in step."""
-    N, mb = 0 if batch is None else batch["input_ids"].shape[0], args.micro_batch_size
-    calls = int(all_reduce([max(1, math.ceil(N / mb))], device, "max")[0])
-    out = []
-    for c in range(calls):
-        if c * mb < N:
-            idx = torch.arange(c * mb, min(N, (c + 1) * mb))
-            out.append(forward_logprobs(model, batch, idx, args.temperature, device)[0].cpu())
-        else:
-            forward_logprobs(model, dummy, torch.arange(1), args.temperature, device)
-    return torch.cat(out) if out else None
 
 def score_solutions(trainer, solutions):
     """Log-probs of every trajectory in `solutions` ({row: [(ids, logps)]}) under the policy in the
@@ -1223,7 +1153,8 @@ def score_solutions(trainer, solutions):
                        npo_data.vision_inputs(trainer.processor, [trainer.train_rows[r] for r in rows])) if traj else None
     dummy = make_batch(trainer.train_prompts[:1], [([tok.eos_token_id], [0.0])], 1, tok.pad_token_id,
                        npo_data.vision_inputs(trainer.processor, trainer.train_rows[:1]))
-    lp = sequence_logprobs_padded(trainer.model, batch, trainer.args, trainer.device, dummy)
+    a = trainer.args
+    lp, _ = recompute_logprobs(trainer.model, batch, a.temperature, a.micro_batch_size, trainer.device, False, dummy)
     out, k = {r: [] for r in solutions}, 0
     for r in sorted(solutions):
         for ids, _ in solutions[r]:
@@ -1417,8 +1348,12 @@ def setup(args):
         train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
         encoded = []
         for rows, where in ((train_rows, args.data), (eval_rows, args.eval_data or f"{args.data} (eval split)")):
-            prompts = encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor, args.filter_overlong_prompts)
-            encoded.append(keep_encoded(rows, prompts, where))
+            prompts = npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
+                                              args.filter_overlong_prompts)
+            encoded.append(npo_data.keep_encoded(rows, prompts, where))
+            if len(encoded[-1][0]) < len(rows):
+                log0(f"data: dropped {len(rows) - len(encoded[-1][0])} of {len(rows)} rows of {where} whose prompt "
+                     "is over --max_prompt_tokens (--filter_overlong_prompts)")
     except npo_data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     (train_rows, train_prompts), (eval_rows, eval_prompts) = encoded
@@ -1434,15 +1369,6 @@ def setup(args):
                    train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts,
                    ref_model=load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None)
 
-
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}  # dense FLOP/s, for MFU
-
-def device_peak(device):
-    """{'device': name, 'peak_flops': dense bf16 peak or None}."""
-    if device.type != "cuda":
-        return {"device": "cpu", "peak_flops": None}
-    name = torch.cuda.get_device_name(device)
-    return {"device": name, "peak_flops": next((v for k, v in PEAK_BF16.items() if k in name), None)}
 
 def resume_if_asked(trainer, gen=None):
     """With --resume, restore the newest complete checkpoint; returns the step to start from."""
@@ -1648,7 +1574,8 @@ def run_rl(trainer):
     else:
         base = evaluate(trainer)
         write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
-                                "wall_s": 0.0, **base, "params": trainer.params, **device_peak(trainer.device)})
+                                "wall_s": 0.0, **base, "params": trainer.params,
+                                "device": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"})
     log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
          f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     ring_steps = {0, args.breakthrough_at - args.breakthrough_delta} if args.mode == "npo" else {0}

@@ -188,6 +188,9 @@ def qvs_shapes(runs):
             "future_best_source": sum(t["future_best"] for t in tables), "tables": tables}
 
 
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}  # dense FLOP/s
+
+
 def throughput(records):
     """Generated tokens/s in the generate phase, trained tokens/s in the train phase, and the train
     phase's model FLOP utilisation where the device's peak is known."""
@@ -197,8 +200,9 @@ def throughput(records):
     out = {"gen_tokens_per_s": sum(r["step_tokens"] for r in steps) / gen_s if gen_s else None,
            "train_tokens_per_s": sum(r.get("train_tokens", 0) for r in steps) / train_s if train_s else None,
            "device": head.get("device"), "params": head.get("params"), "mfu": None}
-    if head.get("peak_flops") and train_s:
-        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / head["peak_flops"]
+    peak = next((v for k, v in PEAK_BF16.items() if k in (head.get("device") or "")), None)
+    if peak and train_s:
+        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / peak
     return out
 
 
