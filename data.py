@@ -354,6 +354,21 @@ def sft_target(tokenizer, row):
 # =============================================================================================
 # Rows -> model inputs: chat prompts as token ids (image placeholders expanded), images as pixels
 # =============================================================================================
+def load_processor(path, min_pixels=None, max_pixels=None):
+    """A vision-language checkpoint's processor, resizing images to [min_pixels, max_pixels] when given."""
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(path)
+    if min_pixels or max_pixels:
+        proc = AutoProcessor.from_pretrained(path, size=pixel_bounds(proc, min_pixels, max_pixels))
+    return proc
+
+
+def pixel_bounds(processor, min_pixels=None, max_pixels=None):
+    """The processor's resize bounds (in pixels), with min_pixels / max_pixels applied where given."""
+    size = processor.image_processor.size
+    return {"shortest_edge": min_pixels or size.shortest_edge, "longest_edge": max_pixels or size.longest_edge}
+
+
 def expand_image_tokens(processor, text, sizes):
     """The chat text with each image placeholder repeated once per token its image becomes (what
     the processor's __call__ does, from image sizes alone: encoding reads headers, not pixels)."""
@@ -366,11 +381,11 @@ def expand_image_tokens(processor, text, sizes):
 
 
 def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False):
-    """Token ids of each row's chat prompt (assistant header included; a VL model's image
-    placeholders expanded to the image's number of tokens). A prompt over the limit is an error
+    """(rows, their chat prompts as token ids): assistant header included, a VL model's image
+    placeholders expanded to the image's number of tokens. A prompt over the limit is an error
     naming the row, before training (truncating would change the task or cut through image
-    tokens); with `drop_overlong` its entry is None instead (see keep_encoded)."""
-    out = []
+    tokens); with `drop_overlong` the row is left out, and a dataset with nothing left is refused."""
+    kept = []
     for i, row in enumerate(rows):
         text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
         if row.get("images") and processor is None:
@@ -386,13 +401,8 @@ def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, dr
             what = " with its images" if row.get("images") else ""
             raise DataError(f"{where} row {i + 1}: prompt{what} has {len(ids)} tokens, over "
                             f"--max_prompt_tokens {max_prompt_tokens}")
-        out.append(ids if len(ids) <= max_prompt_tokens else None)
-    return out
-
-
-def keep_encoded(rows, prompts, where):
-    """The rows (and prompt ids) encode_prompts kept; refuses a dataset with none left."""
-    kept = [(r, p) for r, p in zip(rows, prompts) if p is not None]
+        if len(ids) <= max_prompt_tokens:
+            kept.append((row, ids))
     if rows and not kept:
         raise DataError(f"{where}: every prompt is over --max_prompt_tokens; nothing is left to train on")
     return [r for r, _ in kept], [p for _, p in kept]
@@ -464,6 +474,20 @@ def char_tokenizer(extra_specials=()):
                                         unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def local_config(model):
+    """A local checkpoint's config.json as a dict, or None."""
+    path = os.path.join(model, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_embedded(model):
+    """The embedded tiny model, freshly built or saved by an earlier run (build_tiny marks its config)."""
+    return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))
 
 
 def build_tiny(path, seed=0, vision=False, **sizes):

@@ -12,7 +12,8 @@ AutoNPO intervenes when online signals fire (sparse reward, entropy collapse, re
 and picks the rollback distance Delta that maximises S = Q / V over a ring buffer of checkpoints.
 Paper: arXiv 2604.20733.
 
-Run it
+Run it (the default --model tiny is data.build_tiny's ~1M-parameter Qwen3 with a character tokenizer,
+built from a config and loaded like any checkpoint; tiny-vl is its Qwen3-VL twin)
     bash run.sh                                               # CPU: SFT base, then GRPO / NPO / AutoNPO / external
     python npo.py --mode sft --out runs/sft                   # embedded tiny model, synthetic products
     python npo.py --mode grpo --model runs/sft/model --out runs/grpo
@@ -27,9 +28,6 @@ model -> data -> rollout engine and rewards -> advantages and loss (pure functio
 step -> checkpoints and the ring buffer -> NPO (injection, Q / V / S, intervention) -> AutoNPO
 triggers -> the loops and main. To learn the method read grpo_advantages, policy_loss,
 inject_guide, signal_quality, variance_cost, select_delta, intervene and run_rl.
-
-The embedded default (`--model tiny`, data.build_tiny: a ~1M-parameter Qwen3 built from a config
-with a character-level tokenizer; `tiny-vl`, its Qwen3-VL twin) is loaded like any checkpoint.
 """
 import argparse
 import datetime
@@ -42,7 +40,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -153,33 +150,21 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no_save_model", action="store_true", help="skip the final save_pretrained")
     g.add_argument("--quiet", action="store_true", help="no per-step lines")
-    g.add_argument("--sft_steps", type=int, default=None, help="SFT optimizer steps; default 600")
+    g.add_argument("--sft_steps", type=int, default=600, help="SFT optimizer steps")
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step, all ranks")
     return resolve_defaults(p.parse_args(argv), p)
-
-def local_config(model):
-    """A local checkpoint's config.json as a dict, or None."""
-    path = os.path.join(model, "config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-def is_embedded(model):
-    """The embedded tiny model, freshly built or saved by an earlier run (its config is marked)."""
-    return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))
 
 @functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
     if model in ("tiny", "tiny-vl") or os.path.isdir(model):
-        return model == "tiny-vl" or "vision_config" in (local_config(model) or {})
+        return model == "tiny-vl" or "vision_config" in (npo_data.local_config(model) or {})
     from transformers import AutoConfig  # a hub id
     return hasattr(AutoConfig.from_pretrained(model), "vision_config")
 
 def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
-    pick = lambda small, real: small if is_embedded(args.model) else real  # noqa: E731
+    pick = lambda small, real: small if npo_data.is_embedded(args.model) else real  # noqa: E731
     args.data = args.data or ("count" if is_vision_language(args.model) else "mul")
     args.lr = args.lr or pick(1e-3 if args.mode == "sft" else 3e-5, 1e-6)
     args.steps = args.steps or pick(300, 500)
@@ -187,9 +172,12 @@ def resolve_defaults(args, p):
     args.max_prompt_tokens = args.max_prompt_tokens or pick(128, 4096)
     args.prompts_per_step = args.prompts_per_step or pick(32, 256)
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
-    args.sft_steps = args.sft_steps or 600
-    args.rollout = pick_rollout(args.rollout, is_embedded(args.model), args.max_new_tokens)
+    if args.rollout == "auto":  # vLLM's fixed cost per engine step outweighs a whole HF generate for tiny answers
+        short = npo_data.is_embedded(args.model) and args.max_new_tokens <= 32
+        args.rollout = "vllm" if importlib.util.find_spec("vllm") and not short else "hf"
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn")  # an optional GPU package
+    args.attn = args.attn or ("flash_attention_2" if flash else "sdpa")
     args.ring_dir = args.ring_dir or os.path.join(args.out, "ring")
     args.min_delta = args.ring_every if args.min_delta is None else args.min_delta
     if args.guide_source != "future" and (args.mode != "npo" or args.bootstrap_delta or args.breakthrough_at):
@@ -213,7 +201,6 @@ class Trainer:
     rank: int = 0
     world: int = 1
     device: torch.device = None
-    model_dir: str = None            # what from_pretrained loads (the embedded model is built here once)
     tokenizer: object = None
     processor: object = None         # VL: images -> pixel_values; None for a text model
     model: torch.nn.Module = None    # the policy, FSDP2-sharded, fp32 master weights
@@ -258,11 +245,8 @@ def setup_distributed():
         backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(minutes=30)
         if "RANK" in os.environ:  # launched by torchrun
             dist.init_process_group(backend, timeout=timeout)
-        else:  # a world of one, without leaving environment variables behind
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout)
+        else:  # a world of one: an in-process store, no port and no environment variables
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 def all_reduce(values, device, op="sum"):
@@ -309,26 +293,8 @@ def load_tokenizer(path):
     return tok
 
 def load_processor(path, args):
-    """A vision-language checkpoint's processor with --min_pixels / --max_pixels; None for text."""
-    if not is_vision_language(path):
-        return None
-    from transformers import AutoProcessor
-    proc = AutoProcessor.from_pretrained(path)
-    if args.min_pixels or args.max_pixels:
-        proc = AutoProcessor.from_pretrained(path, size=pixel_bounds(proc, args))
-    return proc
-
-def pixel_bounds(processor, args):
-    """The processor's resize bounds (in pixels) with --min_pixels / --max_pixels applied."""
-    size = processor.image_processor.size
-    return {"shortest_edge": args.min_pixels or size.shortest_edge, "longest_edge": args.max_pixels or size.longest_edge}
-
-def attn_implementation(args, device):
-    if args.attn:
-        return args.attn
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn"):  # optional GPU package
-        return "flash_attention_2"
-    return "sdpa"
+    """A vision-language checkpoint's processor (data.py: images -> model inputs); None for text."""
+    return npo_data.load_processor(path, args.min_pixels, args.max_pixels) if is_vision_language(path) else None
 
 def load_hf_model(path, dtype, attn, device):
     """A causal LM, or an image-text model (Qwen3-VL, Qwen2.5-VL) for a vision-language checkpoint."""
@@ -337,10 +303,9 @@ def load_hf_model(path, dtype, attn, device):
     return auto.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
 
 def load_policy(path, args, device):
-    """The trainable policy: fp32 master weights, FSDP2-sharded per decoder layer (and per vision
-    block: the classes in _no_split_modules), then the root; compute in --dtype with fp32 gradient
-    reductions."""
-    model = load_hf_model(path, torch.float32, attn_implementation(args, device), device)
+    """The trainable policy: fp32 master weights, FSDP2-sharded per decoder layer and vision block (the
+    classes in _no_split_modules), then the root; compute in --dtype, gradients reduced in fp32."""
+    model = load_hf_model(path, torch.float32, args.attn, device)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -465,24 +430,12 @@ def sampling(trainer, n, greedy=False):
     return Sampling(n, 0.0 if greedy else a.temperature, 1.0 if greedy else a.top_p, a.max_new_tokens,
                     tok.eos_token_id, tok.pad_token_id, a.gen_batch_size)
 
-VLLM_CPU_ENV = {  # without these, each CPU engine grabs ~20 GiB of KV cache and runs 100x slower
-    "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TORCHDYNAMO_DISABLE": "1"}
-
-def pick_rollout(rollout, tiny, max_new_tokens):
-    """--rollout auto: vLLM when installed, except for the embedded model with short answers, where
-    vLLM's fixed cost per engine step outweighs a whole HF generate call (README, Rollout engines)."""
-    if rollout != "auto":
-        return rollout
-    if tiny and max_new_tokens <= 32:
-        return "hf"
-    return "vllm" if importlib.util.find_spec("vllm") else "hf"
-
 def make_engine(path, args, device, max_images=0):
     """The rollout engine, sampling in the trainer's compute dtype (`max_images`: the most images
     one prompt of the data has, for vLLM)."""
     dtype = DTYPES[args.dtype]
     if args.rollout == "hf":
-        model = load_hf_model(path, dtype, attn_implementation(args, device), device).eval()
+        model = load_hf_model(path, dtype, args.attn, device).eval()
         return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
     return make_vllm_engine(path, args, device, dtype, max_images)
 
@@ -492,7 +445,8 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
     with training before any update."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process (external launcher)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    for k, v in VLLM_CPU_ENV.items() if device.type == "cpu" else ():
+    cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TORCHDYNAMO_DISABLE": "1"}
+    for k, v in cpu_env.items() if device.type == "cpu" else ():  # else each CPU engine takes ~20 GiB, 100x slower
         os.environ.setdefault(k, v)
     from vllm import LLM
     # warnings on every weight reload / thread query that mean nothing here (rotary embeddings have
@@ -507,7 +461,8 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
     os.environ.update(lent)
     mm = {"limit_mm_per_prompt": {"image": max_images, "video": 0}} if is_vision_language(path) else {}
     if mm and (args.min_pixels or args.max_pixels):
-        mm["mm_processor_kwargs"] = {"size": pixel_bounds(load_processor(path, args), args)}
+        mm["mm_processor_kwargs"] = {"size": npo_data.pixel_bounds(load_processor(path, args), args.min_pixels,
+                                                                   args.max_pixels)}
     try:
         llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(), **mm,
                   distributed_executor_backend="external_launcher", tensor_parallel_size=1,
@@ -579,14 +534,11 @@ def close_engine(engine):
 
 @torch.no_grad()
 def generate(engine, prompts, spec, vision=None):
-    """spec.n responses for each prompt (token ids; `vision`: per prompt, from data.vision_inputs()).
-
-    Returns a flat prompt-major list (prompt i, sample j at i*n + j) of (response_ids,
-    sampling_logps): the log-probs of the distribution the sampler drew from (logits / T,
-    renormalised over the top-p nucleus), which importance ratios are taken against. Greedy
-    log-probs are at T = 1. Draws from torch's RNG (vLLM: a per-call seed drawn from it), so a
-    resumed run samples what the uninterrupted one did. No prompts: [] (a rank with an empty share
-    calls it like the others)."""
+    """spec.n responses per prompt (token ids; `vision`: per prompt, from data.vision_inputs()) as a
+    prompt-major list (prompt i, sample j at i*n + j) of (response ids, sampling log-probs): those of
+    the distribution the sampler drew from (logits / T renormalised over the top-p nucleus; greedy:
+    T = 1), which importance ratios are taken against. Draws from torch's RNG (vLLM: a seed drawn
+    from it), so a resumed run samples what the uninterrupted one did. No prompts: []."""
     if not prompts:
         return []
     if engine["kind"] == "vllm":
@@ -974,8 +926,7 @@ def ring_truncate(ring, step):
     ring[:] = [e for e in ring if e["step"] <= step]
 
 def ring_gc(ring, ring_dir, out):
-    """Delete this rank's ring files that neither the ring nor a complete checkpoint refers to (and
-    files half-written by a kill)."""
+    """Delete this rank's ring files that no ring entry or complete checkpoint refers to, and half-written ones."""
     keep = {e["name"] for e in ring}
     for d in complete_checkpoints(out):
         try:
@@ -1112,9 +1063,8 @@ def select_delta(table, min_delta=1, z=2.0):
 
 # ---- the sources: near future (theta_t), past successes (replay), external (reference) --------
 def sample_correct(trainer, rows_idx):
-    """m samples per prompt from the policy the engine holds (the guide theta_t, or a learner
-    theta_s measuring what it solves itself), verified. Returns ({row: [correct (ids, logps)]},
-    generated tokens)."""
+    """m verified samples per prompt from the policy the engine holds (the guide theta_t, or a learner
+    theta_s: what it solves itself). Returns ({row: [correct (ids, logps)]}, generated tokens)."""
     m, rows_idx = trainer.args.guide_samples, sorted(set(rows_idx))
     rows = [trainer.train_rows[i] for i in rows_idx]
     samples = generate(trainer.engine, [trainer.train_prompts[i] for i in rows_idx], sampling(trainer, m),
@@ -1155,11 +1105,8 @@ def score_solutions(trainer, solutions):
                        npo_data.vision_inputs(trainer.processor, trainer.train_rows[:1]))
     a = trainer.args
     lp, _ = recompute_logprobs(trainer.model, batch, a.temperature, a.micro_batch_size, trainer.device, False, dummy)
-    out, k = {r: [] for r in solutions}, 0
-    for r in sorted(solutions):
-        for ids, _ in solutions[r]:
-            out[r].append((ids, lp[k, :len(ids)].tolist()))
-            k += 1
+    rescored = [(ids, lp[k, :len(ids)].tolist()) for k, (ids, _) in enumerate(traj)]  # back to {row: [...]}
+    out = {r: [rescored.pop(0) for _ in solutions[r]] for r in sorted(solutions)}
     return out, (int(batch["attention_mask"].sum()) if traj else 0)
 
 def source_qv(trainer, solutions, q_rows, learner_solved):
@@ -1275,10 +1222,9 @@ def slope_with_se(y):
     return b, math.sqrt(rss / max(n - 2, 1) / sxx)
 
 def reward_stagnation(rewards, window, min_slope, z=2.0):
-    """The reward has, with confidence, stopped rising: the slope of the last `window` per-step
-    rewards plus z standard errors is below `min_slope`. A noisy curve does not pass (its slope is
-    uncertain), a flat plateau does; a bare slope test fires at the first chance, like a timer.
-    Waits for two windows of history."""
+    """The reward has, with confidence, stopped rising: the slope of the last `window` per-step rewards
+    plus z standard errors is below `min_slope` (a bare slope test fires on noise, like a timer; a
+    noisy slope is uncertain, a flat plateau is not). Waits for two windows of history."""
     if len(rewards) < 2 * window:
         return False
     b, se = slope_with_se(rewards[-window:])
@@ -1348,9 +1294,8 @@ def setup(args):
         train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
         encoded = []
         for rows, where in ((train_rows, args.data), (eval_rows, args.eval_data or f"{args.data} (eval split)")):
-            prompts = npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
-                                              args.filter_overlong_prompts)
-            encoded.append(npo_data.keep_encoded(rows, prompts, where))
+            encoded.append(npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
+                                                   args.filter_overlong_prompts))
             if len(encoded[-1][0]) < len(rows):
                 log0(f"data: dropped {len(rows) - len(encoded[-1][0])} of {len(rows)} rows of {where} whose prompt "
                      "is over --max_prompt_tokens (--filter_overlong_prompts)")
@@ -1364,7 +1309,7 @@ def setup(args):
     params = sum(p.numel() for p in model.parameters())
     log0(f"npo | mode {args.mode} | model {args.model} ({params / 1e6:.2f}M params) | data {args.data}: "
          f"{len(train_rows)} train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout}")
-    return Trainer(args=args, rank=rank, world=world, device=device, model_dir=path, tokenizer=tokenizer,
+    return Trainer(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer,
                    processor=processor, model=model, params=params, optim=optim, sched=sched, engine=engine,
                    train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts,
                    ref_model=load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None)
@@ -1573,9 +1518,9 @@ def run_rl(trainer):
         base = trainer.resumed["base_eval"]
     else:
         base = evaluate(trainer)
+        device = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"  # for MFU
         write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
-                                "wall_s": 0.0, **base, "params": trainer.params,
-                                "device": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"})
+                                "wall_s": 0.0, **base, "params": trainer.params, "device": device})
     log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
          f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     ring_steps = {0, args.breakthrough_at - args.breakthrough_delta} if args.mode == "npo" else {0}

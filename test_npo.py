@@ -765,7 +765,7 @@ def test_image_prompts_expand_like_the_processor_and_never_truncate(tiny_vl_mode
     rows = npo_data.make_task("count", n_train=5, n_eval=0)[0]
     rows.append({"messages": npo_data.image_messages("<image> or <image>?", 2), "answer": "1", "task": "math",
                  "images": [_png(None, "red", (100, 70)), _png(None, "blue", (200, 150))]})
-    ids = npo_data.encode_prompts(tok, rows, 128, "t", proc)
+    ids = npo_data.encode_prompts(tok, rows, 128, "t", proc)[1]
     for row, got in zip(rows, ids):
         text = proc.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
         want = proc(text=[text], images=[npo_data.open_image(x) for x in row["images"]])["input_ids"][0]
@@ -813,7 +813,7 @@ def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
     model = npo.load_policy(path, args, dev)
     engine = npo.make_engine(path, args, dev)
     npo.sync_weights(engine, model)
-    prompts = npo_data.encode_prompts(tok, npo_data.make_task("mul", n_train=10, n_eval=0)[0], 128, "t")
+    prompts = npo_data.encode_prompts(tok, npo_data.make_task("mul", n_train=10, n_eval=0)[0], 128, "t")[1]
     samples = npo.generate(engine, prompts, npo.Sampling(3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id))
     batch = npo.make_batch(prompts, samples, 3, tok.pad_token_id)
     lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
@@ -860,7 +860,7 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
     dev = torch.device("cpu")
     tok = npo.load_tokenizer(path)
     rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
-    prompts = npo_data.encode_prompts(tok, rows, 128, "t")
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
     trainer = npo.Trainer(args=args, device=dev, tokenizer=tok, model=npo.load_policy(path, args, dev),
                           train_rows=rows, train_prompts=prompts)
     g = torch.Generator().manual_seed(0)
@@ -921,7 +921,7 @@ def vllm_worker(path, out):
     engine = npo.make_engine(path, args, dev, max_images=1)
     npo.sync_weights(engine, model)
     rows = npo_data.make_task("count" if proc else "mul", n_train=16, n_eval=0)[0][rank::world]
-    prompts = npo_data.encode_prompts(tok, rows, 128, "t", proc)
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t", proc)[1]
     vision = npo_data.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 8, eos, pad), vision)]  # noqa: E731
@@ -1007,7 +1007,7 @@ def sync_worker(path, out, rollout, dtype):
     model = npo.load_policy(path, args, dev)
     engine = npo.make_engine(path, args, dev)
     rows = npo_data.make_task("mul", n_train=16, n_eval=0)[0][rank::world]
-    prompts = npo_data.encode_prompts(tok, rows, 128, "t")
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
     sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))))
     logp, _ = npo.forward_logprobs(model, sft, torch.arange(len(rows)), 1.0, dev)
     npo.aggregate(-logp, sft["resp_mask"], "token-mean").backward()
