@@ -1161,9 +1161,8 @@ TASK = ["--data", "mul", "--difficulty", "1x1", "--eval_size", "12", "--eval_sam
 def sft_model(tmp_path_factory):
     """A tiny policy trained on 1x1 products, so GRPO groups often carry signal."""
     out = str(tmp_path_factory.mktemp("sft"))
-    run([PY, "npo.py", "--mode", "sft", "--out", out, "--sft_steps", "150", "--lr", "3e-3",
-         "--eval_every", "150", *TASK])
-    loss = [r["sft_loss"] for r in metrics(out)]
+    loss = [r["sft_loss"] for r in train(["--mode", "sft", "--sft_steps", "150", "--lr", "3e-3", "--eval_every", "150",
+                                          *TASK], out)]
     assert loss[-1] < 0.5 * loss[0]
     return os.path.join(out, "model")
 
@@ -1541,8 +1540,8 @@ VL_TASK = ["--data", "count", "--difficulty", "3", "--eval_size", "12", "--eval_
 def vl_sft_model(tmp_path_factory):
     """The tiny vision-language policy after a short SFT on counting up to 3 shapes."""
     out = str(tmp_path_factory.mktemp("vl_sft"))
-    run([PY, "npo.py", "--mode", "sft", "--model", "tiny-vl", "--out", out, "--sft_steps", "60", "--lr", "3e-3",
-         "--eval_every", "60", *VL_TASK])
+    train(["--mode", "sft", "--model", "tiny-vl", "--sft_steps", "60", "--lr", "3e-3", "--eval_every", "60", *VL_TASK],
+          out)
     return os.path.join(out, "model")
 
 
@@ -1558,8 +1557,7 @@ def _vision_params_changed(before, after):
 @pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
 def test_vl_grpo_single_process(vl_sft_model, tmp_path, rollout):
     out = str(tmp_path / "run")
-    run([PY, "npo.py", *GRPO, *VL_TASK, "--rollout", rollout, "--model", vl_sft_model, "--out", out, "--steps", "3"])
-    m = metrics(out)
+    m = train([*GRPO, *VL_TASK, "--rollout", rollout, "--model", vl_sft_model, "--steps", "3"], out)
     assert [r["step"] for r in m] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in m[1:])
     for r in m[1:]:  # the sampler and the trainer see the same images and positions
         assert abs(r["tis_ratio_max"] - 1) < 1e-4 and abs(r["tis_ratio_min"] - 1) < 1e-4
@@ -1572,13 +1570,12 @@ def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
     """AutoNPO on image prompts under torchrun (ranks score different numbers of guide
     trajectories, so the vision blocks' all-gathers must stay in step), vision tower frozen."""
     out = str(tmp_path / "run")
-    run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "npo.py", *GRPO, *VL_TASK,
-         *AUTONPO, "--rollout", rollout, "--vision_frozen", "--model", vl_sft_model, "--out", out, "--steps", "5"])
-    ev = events(metrics(out))
+    m = train([*GRPO, *VL_TASK, *AUTONPO, "--rollout", rollout, "--vision_frozen", "--model", vl_sft_model,
+               "--steps", "5"], out, ranks=2)
+    ev = events(m)
     assert len(ev) == 1 and {r["source"] for r in ev[0]["table"]} == {"future", "past", "external"}
-    steps = steps_of(metrics(out))
-    assert all(abs(r["tis_ratio_max"] - 1) < 1e-4 for r in steps)
-    assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (False, _had_signal(metrics(out)))
+    assert all(abs(r["tis_ratio_max"] - 1) < 1e-4 for r in steps_of(m))
+    assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (False, _had_signal(m))
 
 
 # =============================================================================================
