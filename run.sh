@@ -109,8 +109,10 @@ compare() {
            auto="--trigger_window 15 --cooldown 40 --max_interventions 2" ;;
     gpu)   steps=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 sft=runs/gpu/sft sft_steps=600
            auto="--trigger_window 10 --cooldown 30 --max_interventions 2"
-           SFT_FLAGS+=(--model runs/gpu/base --lr 1e-4 --sft_batch_size 256)
-           RUN_FLAGS+=(--rollout vllm --lr 1e-5 --prompts_per_step 64 --micro_batch_size 128) ;;
+           SFT_FLAGS+=(--model runs/gpu/base --data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4
+                       --sft_batch_size 256)
+           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --rollout vllm --lr 1e-5
+                       --prompts_per_step 64 --micro_batch_size 128) ;;
     *) echo "unknown size $size"; exit 2 ;;
   esac
   [ -n "$seeds" ] || seeds=$([ $size = mul ] && echo 0,1,2 || echo 0)
@@ -153,7 +155,7 @@ compare() {
 
 gpu() {
   # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary: ~0.44B
-  # parameters) built from a config, SFT warm-up on the synthetic task, then the comparison with
+  # parameters) built from a config, SFT warm-up on the fair test's task (mulsteps 4x1), then the comparison with
   # vLLM rollouts in bf16 on one seed, 100 steps per method.
   [ -f runs/gpu/base/config.json ] || $PY -c "import data; data.build_tiny('runs/gpu/base', \
       hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16, \
