@@ -430,16 +430,16 @@ def sampling(trainer, n, greedy=False):
     return Sampling(n, 0.0 if greedy else a.temperature, 1.0 if greedy else a.top_p, a.max_new_tokens,
                     tok.eos_token_id, tok.pad_token_id, a.gen_batch_size)
 
-def make_engine(path, args, device, max_images=0):
-    """The rollout engine, sampling in the trainer's compute dtype (`max_images`: the most images
-    one prompt of the data has, for vLLM)."""
+def make_engine(path, args, device, max_images=0, processor=None):
+    """The rollout engine, sampling in the trainer's compute dtype (for vLLM, `max_images`: the most
+    images one prompt of the data has; `processor`: the trainer's, whose resize bounds it must use)."""
     dtype = DTYPES[args.dtype]
     if args.rollout == "hf":
         model = load_hf_model(path, dtype, args.attn, device).eval()
         return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
-    return make_vllm_engine(path, args, device, dtype, max_images)
+    return make_vllm_engine(path, args, device, dtype, max_images, processor)
 
-def make_vllm_engine(path, args, device, dtype, max_images=0):
+def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
     """One vLLM engine per rank inside the training process (vLLM 0.32). dtype is explicit: with
     'auto' vLLM runs an fp32 checkpoint in bf16 where the CPU has it, and sampling then disagrees
     with training before any update."""
@@ -461,8 +461,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0):
     os.environ.update(lent)
     mm = {"limit_mm_per_prompt": {"image": max_images, "video": 0}} if is_vision_language(path) else {}
     if mm and (args.min_pixels or args.max_pixels):
-        mm["mm_processor_kwargs"] = {"size": npo_data.pixel_bounds(load_processor(path, args), args.min_pixels,
-                                                                   args.max_pixels)}
+        mm["mm_processor_kwargs"] = {"size": npo_data.pixel_bounds(processor or load_processor(path, args))}
     try:
         llm = LLM(model=path, dtype=dtype, seed=args.seed * 1000 + dist.get_rank(), **mm,
                   distributed_executor_backend="external_launcher", tensor_parallel_size=1,
@@ -1105,8 +1104,8 @@ def score_solutions(trainer, solutions):
                        npo_data.vision_inputs(trainer.processor, trainer.train_rows[:1]))
     a = trainer.args
     lp, _ = recompute_logprobs(trainer.model, batch, a.temperature, a.micro_batch_size, trainer.device, False, dummy)
-    rescored = [(ids, lp[k, :len(ids)].tolist()) for k, (ids, _) in enumerate(traj)]  # back to {row: [...]}
-    out = {r: [rescored.pop(0) for _ in solutions[r]] for r in sorted(solutions)}
+    rescored = iter([(ids, lp[k, :len(ids)].tolist()) for k, (ids, _) in enumerate(traj)])  # back to {row: [...]}
+    out = {r: [next(rescored) for _ in solutions[r]] for r in sorted(solutions)}
     return out, (int(batch["attention_mask"].sum()) if traj else 0)
 
 def source_qv(trainer, solutions, q_rows, learner_solved):
@@ -1305,7 +1304,7 @@ def setup(args):
     model = load_policy(path, args, device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows))
+    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
     params = sum(p.numel() for p in model.parameters())
     log0(f"npo | mode {args.mode} | model {args.model} ({params / 1e6:.2f}M params) | data {args.data}: "
          f"{len(train_rows)} train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout}")

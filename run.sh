@@ -155,8 +155,8 @@ compare() {
 
 gpu() {
   # One GPU: a Qwen3-0.6B-shaped model (28 layers, width 1024, the character vocabulary: ~0.44B
-  # parameters) built from a config, SFT warm-up on the fair test's task (mulsteps 4x1), then the comparison with
-  # vLLM rollouts in bf16 on one seed, 100 steps per method.
+  # parameters) built from a config, SFT warm-up on the fair test's task (mulsteps 4x1), then the
+  # comparison with vLLM rollouts in bf16 on one seed, 100 steps per method.
   [ -f runs/gpu/base/config.json ] || $PY -c "import data; data.build_tiny('runs/gpu/base', \
       hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16, \
       num_key_value_heads=8, head_dim=128)"
