@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,7 @@ from torch.distributed.tensor import DTensor
 from transformers.utils import logging as hf_logging
 
 import data as npo_data
+import report  # metrics.jsonl: written (open_metrics, write_metrics) and read in one place
 import verifier
 
 hf_logging.disable_progress_bar()
@@ -76,7 +78,7 @@ def parse_args(argv=None):
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (large models)")
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype of trainer (fp32 master "
                    "weights), engine and sync; default bf16 on GPU, fp32 on CPU")
-    g.add_argument("--attn", default=None, help="attention; default flash_attention_2 on GPU if installed, else sdpa")
+    g.add_argument("--attn", default=None, help="attention; default flash_attention_2 on GPU when it imports, else sdpa")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet")
@@ -130,6 +132,7 @@ def parse_args(argv=None):
     g.add_argument("--ring_every", type=int, default=10, help="ring buffer: a snapshot every k steps")
     g.add_argument("--ring_size", type=int, default=6, help="ring buffer: snapshots kept (K)")
     g.add_argument("--ring_dir", default=None, help="where ring snapshots are written; default <out>/ring")
+    g.add_argument("--keep_ring", action="store_true", help="keep the ring files when the run ends (12 B/param each)")
     g.add_argument("--pool_size", type=int, default=4096, help="mistake pool entries kept per rank")
 
     g = p.add_argument_group("AutoNPO")
@@ -162,6 +165,33 @@ def is_vision_language(model):
     from transformers import AutoConfig  # a hub id
     return hasattr(AutoConfig.from_pretrained(model), "vision_config")
 
+def flash_attention_works():
+    """flash-attn is optional (no wheel; sdpa otherwise): used on a GPU when transformers accepts it and it
+    imports (a broken build passes find_spec and crashes at the first forward)."""
+    from transformers.utils import is_flash_attn_2_available
+    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
+        return False
+    try:
+        import flash_attn  # noqa: F401  (loads the compiled kernels)
+    except Exception as e:  # an ABI mismatch raises ImportError, OSError or worse
+        print(f"warning: flash-attn is installed but does not import ({e}); using sdpa", file=sys.stderr)
+        return False
+    return True
+
+def gpus_unusable():
+    """Stop when nvidia-smi sees GPUs that torch cannot use (torch 2.13's CUDA 13 wheels need driver >= 580): such
+    a machine must not quietly train on its CPU. CUDA_VISIBLE_DEVICES="" runs on the CPU on purpose."""
+    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
+        return
+    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines()
+    if gpus:
+        raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver) but torch "
+                         f"{torch.__version__} (CUDA {torch.version.cuda}) cannot use them. PyPI's torch 2.13 needs "
+                         "driver >= 580 (CUDA 13): upgrade it, or install a CUDA 12 build (drivers >= 525), e.g. pip "
+                         "install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 (CPU on purpose: "
+                         "CUDA_VISIBLE_DEVICES=)")
+
 def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
     pick = lambda small, real: small if npo_data.is_embedded(args.model) else real  # noqa: E731
@@ -175,10 +205,11 @@ def resolve_defaults(args, p):
     if args.rollout == "auto":  # vLLM's fixed cost per engine step outweighs a whole HF generate for tiny answers
         short = npo_data.is_embedded(args.model) and args.max_new_tokens <= 32
         args.rollout = "vllm" if importlib.util.find_spec("vllm") and not short else "hf"
+    gpus_unusable()
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn")  # an optional GPU package
-    args.attn = args.attn or ("flash_attention_2" if flash else "sdpa")
+    args.attn = args.attn or ("flash_attention_2" if flash_attention_works() else "sdpa")
     args.ring_dir = args.ring_dir or os.path.join(args.out, "ring")
+    args.uses_ring = args.mode in ("npo", "autonpo") and args.guide_source == "future"  # rollbacks need the ring
     args.min_delta = args.ring_every if args.min_delta is None else args.min_delta
     if args.guide_source != "future" and (args.mode != "npo" or args.bootstrap_delta or args.breakthrough_at):
         p.error(f"--guide_source {args.guide_source} injects at every step without rollbacks: use it with "
@@ -257,25 +288,36 @@ def all_reduce(values, device, op="sum"):
 
 def merge_stats(total, new):
     """The one rule for combining step statistics (micro-batches, then ranks): a key ending in _max
-    takes the max, _min the min, every other key is a sum."""
+    takes the max, _min the min, every other key is a sum. Values may be numbers or 0-d tensors on
+    the device: the hot loop never waits for the GPU to hand it a number."""
     for k, v in new.items():
-        if k.endswith("_max"):
-            total[k] = max(total.get(k, -math.inf), v)
-        elif k.endswith("_min"):
-            total[k] = min(total.get(k, math.inf), v)
+        if k not in total:
+            total[k] = v
+        elif k.endswith(("_max", "_min")):
+            both = [torch.as_tensor(x, dtype=torch.float64) for x in (total[k], v)]
+            total[k] = (torch.maximum if k.endswith("_max") else torch.minimum)(*both)
         else:
-            total[k] = total.get(k, 0.0) + v
+            total[k] = total[k] + v
     return total
 
 def reduce_stats(stats, device):
-    """merge_stats over ranks: two collectives. Every rank must hold the same keys."""
+    """merge_stats over ranks: two collectives, and the one copy to the host. Every rank must hold the same keys."""
     keys = sorted(stats)
-    hi = [k for k in keys if k.endswith("_max") or k.endswith("_min")]
-    sums = all_reduce([float(stats[k]) for k in keys if k not in hi], device)
-    ext = all_reduce([stats[k] if k.endswith("_max") else -stats[k] for k in hi], device, "max")
-    out = dict(zip([k for k in keys if k not in hi], sums))
-    out.update({k: v if k.endswith("_max") else -v for k, v in zip(hi, ext)})
-    return out
+    sign = torch.tensor([-1.0 if k.endswith("_min") else 1.0 for k in keys], dtype=torch.float64, device=device)
+    ext = torch.tensor([k.endswith(("_max", "_min")) for k in keys], device=device)      # min(x) = -max(-x)
+    x = sign * torch.stack([torch.as_tensor(stats[k], dtype=torch.float64).to(device) for k in keys])
+    sums, maxes = torch.where(ext, 0.0, x), torch.where(ext, x, -math.inf)
+    dist.all_reduce(sums)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, (sign * torch.where(ext, maxes, sums)).tolist()))
+
+def peak_memory(device):
+    """The trainer's peak GPU memory since the last call, in GB ({} on a CPU; vLLM's own pool is not in it)."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 1e9
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"gpu_mem_peak_gb": all_reduce([peak], device, "max")[0]}
 
 def log0(*a):
     if dist.get_rank() == 0:
@@ -305,8 +347,8 @@ def load_hf_model(path, dtype, attn, device):
 def load_policy(path, args, device):
     """The trainable policy: fp32 master weights, FSDP2-sharded per decoder layer and vision block (the
     classes in _no_split_modules), then the root; compute in --dtype, gradients reduced in fp32."""
-    model = load_hf_model(path, torch.float32, args.attn, device)
-    if args.grad_ckpt:
+    model = load_hf_model(path, torch.float32, args.attn, device).train()  # from_pretrained gives eval mode, in
+    if args.grad_ckpt:  # which transformers' layers never checkpoint (and real configs have no dropout)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     if args.vision_frozen:
@@ -436,7 +478,7 @@ def make_engine(path, args, device, max_images=0, processor=None):
     dtype = DTYPES[args.dtype]
     if args.rollout == "hf":
         model = load_hf_model(path, dtype, args.attn, device).eval()
-        return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False}
+        return {"kind": "hf", "model": model, "dtype": dtype, "sleep_mode": False, "runner": "transformers generate"}
     return make_vllm_engine(path, args, device, dtype, max_images, processor)
 
 def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
@@ -449,15 +491,14 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
     for k, v in cpu_env.items() if device.type == "cpu" else ():  # else each CPU engine takes ~20 GiB, 100x slower
         os.environ.setdefault(k, v)
     from vllm import LLM
-    # warnings on every weight reload / thread query that mean nothing here (rotary embeddings have
-    # no checkpoint weights; vLLM-CPU pins torch's thread count itself)
+    # warnings on every weight reload / generate call that mean nothing here (rotary embeddings have no checkpoint
+    # weights; vLLM-CPU pins torch's threads itself). A filter: vLLM's logging set-up resets their levels.
     for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.worker.cpu_worker"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.ERROR)
     # the external launcher reads torchrun's variables; a plain `python npo.py` has none, so they
     # are lent for the construction only (vLLM reuses the existing process group)
-    lent = {"RANK": str(dist.get_rank()), "LOCAL_RANK": os.environ.get("LOCAL_RANK", "0"),
-            "WORLD_SIZE": str(dist.get_world_size())}
-    lent = {k: v for k, v in lent.items() if k not in os.environ}
+    lent = {k: v for k, v in (("RANK", str(dist.get_rank())), ("LOCAL_RANK", "0"),
+                              ("WORLD_SIZE", str(dist.get_world_size()))) if k not in os.environ}
     os.environ.update(lent)
     mm = {"limit_mm_per_prompt": {"image": max_images, "video": 0}} if is_vision_language(path) else {}
     if mm and (args.min_pixels or args.max_pixels):
@@ -476,29 +517,26 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
         for k in lent:
             os.environ.pop(k, None)
     config = llm.llm_engine.model_config.hf_config
-    banned = set(npo_data.vision_token_ids(config))
-    vocab = llm.llm_engine.model_config.get_vocab_size()
+    runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner and device.type == "cuda" else "V1"  # (CPU: V1)
+    # VL: vision tokens never sampled, by a -1e9 bias as the trainer masks them (vLLM's OpenAI server floor, -100, is
+    # no ban). Not allowed_token_ids: Model Runner V2 takes <= 1024 (gpu/sample/logit_bias.py), a real vocabulary 151k.
+    banned = npo_data.vision_token_ids(config)
     return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False,
             "vision": bool(mm), "image_token_id": getattr(config, "image_token_id", None),
-            "allowed": [i for i in range(vocab) if i not in banned] if banned else None}
+            "bias": {i: -1e9 for i in banned} or None, "runner": f"model runner {runner}"}
 
 def vllm_control(engine, action, weights=None):
     """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0).
     load: reload (HF name, tensor) pairs in place, then drop prefixes (and image features) cached
-    with the old weights; sleep: level 1 (weights to host memory, KV cache freed); wake; close (also
-    destroys the default process group); read: the engine's weights by vLLM's names (tests)."""
+    with the old weights; sleep: level 2 (weights discarded, buffers kept, KV cache freed: the next
+    load overwrites every weight, so nothing is copied to host memory); close (also destroys the
+    default process group)."""
     llm = engine["llm"]
     if action == "sleep" and not engine["asleep"]:
-        llm.sleep(level=1)
+        llm.sleep(level=2)
         engine["asleep"] = True
-    elif action == "wake" and engine["asleep"]:
-        llm.wake_up()
-        engine["asleep"] = False
     elif action == "close":
         llm.llm_engine.engine_core.shutdown()
-    elif action == "read":
-        return llm.collective_rpc(lambda w: {k: v.detach().cpu().clone()
-                                             for k, v in w.model_runner.get_model().state_dict().items()})[0]
     elif action == "load":
         if engine["asleep"]:  # weights first, KV cache after the load: the trainer's memory stays free
             llm.wake_up(tags=["weights"])
@@ -527,6 +565,11 @@ def sync_weights(engine, model):
     else:
         vllm_control(engine, "load", weights)
 
+def sleep_engine(engine):
+    """Free the engine's GPU memory for training (vLLM on GPU); the next sync_weights wakes it."""
+    if engine["sleep_mode"]:
+        vllm_control(engine, "sleep")
+
 def close_engine(engine):
     if engine["kind"] == "vllm":
         vllm_control(engine, "close")
@@ -546,12 +589,13 @@ def generate(engine, prompts, spec, vision=None):
 
 def _generate_vllm(engine, prompts, spec, vision=None):
     from vllm import SamplingParams
-    vllm_control(engine, "wake")
+    if engine["asleep"]:
+        raise RuntimeError("the vLLM engine is asleep (its weights discarded): sync_weights() first")
     greedy = spec.temperature == 0
     seed = int(torch.randint(2**31 - 1, (1,)))
     sp = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
                         max_tokens=spec.max_new_tokens, stop_token_ids=[spec.eos_id], logprobs=0,
-                        seed=None if greedy else seed, allowed_token_ids=engine["allowed"])  # VL: no vision tokens
+                        seed=None if greedy else seed, logit_bias=engine["bias"])  # VL: no vision tokens
     requests = [{"prompt_token_ids": p} for p in prompts]
     for req, v in zip(requests, vision or []):
         if v is not None:  # vLLM expands each image's placeholder itself: one token per image
@@ -672,11 +716,10 @@ def tis_weights(old_logp, behav_logp, mask, cap):
     detached weight min(pi_old / pi_sampler, cap), 0 outside `mask`. Returns (weights [N, T], stats)."""
     ratio = torch.exp(old_logp - behav_logp)                                         # [N, T]
     m = mask.bool()
-    n = int(m.sum())
-    stats = {"tis_tokens": n, "tis_ratio_sum": ratio[m].sum().item(), "tis_capped_sum": (ratio[m] > cap).sum().item(),
-             "tis_ratio_max": ratio[m].max().item() if n else -math.inf,
-             "tis_ratio_min": ratio[m].min().item() if n else math.inf}
-    return torch.where(m, ratio.clamp(max=cap), 0.0), stats
+    stats = {"tis_tokens": m.sum(), "tis_ratio_sum": torch.where(m, ratio, 0).sum(),
+             "tis_capped_sum": (m & (ratio > cap)).sum(), "tis_ratio_max": torch.where(m, ratio, -math.inf).max(),
+             "tis_ratio_min": torch.where(m, ratio, math.inf).min()}
+    return torch.where(m, ratio.clamp(max=cap), 0.0), stats  # (an empty mask: max -inf, min inf, as merge_stats starts)
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, agg="token-mean", denom=None,
                 guide_mask=None, guide_logp=None, guide_ratio="none", is_weight=None):
@@ -706,16 +749,15 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, 
         per_token = torch.where(on, per_token * is_weight, per_token)
     loss = aggregate(per_token, mask, agg, denom)
 
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors, brought to the host once per step (reduce_stats)
         hit = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
         approx_kl = (ratio - 1) - log_ratio          # k3 of KL(pi_old || pi_theta), cleanrl's health check
-        stats = {"on_approx_kl_sum": torch.where(on, approx_kl, 0).sum().item()}
+        stats = {"on_approx_kl_sum": torch.where(on, approx_kl, 0).sum()}
         for name, part in (("on", on), ("guide", guide)):
-            n = part.sum().item()
-            stats.update({f"{name}_tokens": n, f"{name}_clipfrac_sum": (hit & part).sum().item(),
-                          f"{name}_ratio_sum": torch.where(part, ratio, 0).sum().item(),
-                          f"{name}_ratio_max": torch.where(part, ratio, -math.inf).max().item() if n else -math.inf,
-                          f"{name}_ratio_min": torch.where(part, ratio, math.inf).min().item() if n else math.inf})
+            stats.update({f"{name}_tokens": part.sum(), f"{name}_clipfrac_sum": (hit & part).sum(),
+                          f"{name}_ratio_sum": torch.where(part, ratio, 0).sum(),
+                          f"{name}_ratio_max": torch.where(part, ratio, -math.inf).max(),   # -inf: no such token
+                          f"{name}_ratio_min": torch.where(part, ratio, math.inf).min()})
     return loss, stats
 
 
@@ -754,12 +796,12 @@ def recompute_logprobs(model, batch, temperature, micro_batch_size, device, entr
     return (torch.cat(logps) if logps else None), (torch.cat(ents) if entropy and logps else None)
 
 def optimizer_step(model, optim, sched, grad_clip):
-    """Clip the global gradient norm, step, zero the gradients; returns the norm before clipping."""
+    """Clip the global gradient norm, step, zero the gradients; returns the norm before clipping (a tensor)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optim.step()
     sched.step()
     optim.zero_grad(set_to_none=True)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
 
 def ppo_update(model, optim, sched, batch, args, device, gen):
     """PPO epochs over minibatches of `batch` (old_logp, advantages, loss_mask and, with NPO,
@@ -785,9 +827,9 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
                 if args.kl_coef > 0:
                     kl = aggregate(kl_k3(logp, take("ref_logp")), take("loss_mask"), args.loss_agg, denom)
                     loss = loss + args.kl_coef * kl
-                    st["kl_sum"] = kl.item()
+                    st["kl_sum"] = kl.detach()
                 loss.backward()
-                merge_stats(stats, {**st, "loss_sum": loss.item()})
+                merge_stats(stats, {**st, "loss_sum": loss.detach()})
             merge_stats(stats, {"grad_norm_sum": optimizer_step(model, optim, sched, args.grad_clip), "optimizer_steps": 1})
     return stats
 
@@ -924,10 +966,11 @@ def ring_truncate(ring, step):
     """After a rollback to `step`, the snapshots after it belong to an abandoned branch."""
     ring[:] = [e for e in ring if e["step"] <= step]
 
-def ring_gc(ring, ring_dir, out):
-    """Delete this rank's ring files that no ring entry or complete checkpoint refers to, and half-written ones."""
+def ring_gc(ring, ring_dir, out=None):
+    """Delete this rank's ring files that no ring entry or complete checkpoint in `out` refers to, and half-written
+    ones (ring_gc([], ring_dir): all of them, as a finished run does)."""
     keep = {e["name"] for e in ring}
-    for d in complete_checkpoints(out):
+    for d in complete_checkpoints(out) if out else []:
         try:
             with open(os.path.join(d, "meta.json")) as f:
                 keep |= set(json.load(f).get("ring", []))
@@ -938,40 +981,28 @@ def ring_gc(ring, ring_dir, out):
         if f.endswith(mine + ".tmp") or (f.endswith(mine) and f[:-len(mine)] not in keep):
             os.remove(os.path.join(ring_dir, f))
 
-def open_metrics(out, resume_at):
-    """metrics.jsonl for appending (rank 0; None elsewhere). On resume it is first cut back to the
-    records up to `resume_at` compute steps, through tmp + rename; a line cut short by a kill is dropped."""
-    path = os.path.join(out, "metrics.jsonl")
-    if dist.get_rank() != 0:
-        return None
-    keep = []
-    if resume_at is not None and os.path.exists(path):
-        for line in open(path):
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r.get("compute_steps", r.get("step", 0)) <= resume_at:
-                keep.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
-
-def _json_safe(x):
-    """NaN / inf (no trajectory to measure V on, say) become null, so metrics.jsonl stays JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-def write_metrics(f, rec):
-    if f is not None:
-        f.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
-        f.flush()
+def check_disk(args, params, device):
+    """Stop at the start, on every rank, a run whose files will not fit: a snapshot is 12 bytes per parameter (fp32
+    weights, Adam's two moments); checkpoints keep --keep_checkpoints (+1 being written), the ring --ring_size (+1 before
+    the oldest goes), the final model 4 bytes per parameter. What a resumed run will replace counts as free."""
+    snap, disks, msg = 12 * params, {}, ""
+    parts = [(args.out, "checkpoints", (args.keep_checkpoints + 1) * snap * bool(args.save_every)),
+             (args.out, "model", 4 * params * (not args.no_save_model))]
+    if args.uses_ring:
+        os.makedirs(args.ring_dir, exist_ok=True)
+        parts.append((args.ring_dir, "", (args.ring_size + 1) * snap))
+    for at, sub, n in parts:
+        held = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(at, sub)) for f in fs)
+        disk = disks.setdefault(os.stat(at).st_dev, {"at": at, "need": 0, "parts": []})
+        disk["need"] += n - held
+        disk["parts"].append(f"{sub or 'ring'} {n / 1e9:.2f} GB")
+    for d in disks.values():
+        if d["need"] > shutil.disk_usage(d["at"]).free:
+            msg = (f"error: the run needs {d['need'] / 1e9:.1f} GB more on the disk of {d['at']} ({', '.join(d['parts'])}"
+                   f" for {params / 1e9:.2f}B parameters) but {shutil.disk_usage(d['at']).free / 1e9:.1f} GB are free: "
+                   "use a larger disk, --ring_dir elsewhere, a smaller --ring_size or --keep_checkpoints, or --save_every 0")
+    if all_reduce([float(bool(msg))], device, "max")[0]:
+        raise SystemExit(msg or "error: another rank's disk is too small for the run (see its message)")
 
 
 # ======== 10. NPO: the near-future guide =======================================================
@@ -1304,10 +1335,11 @@ def setup(args):
     model = load_policy(path, args, device)
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
     params = sum(p.numel() for p in model.parameters())
-    log0(f"npo | mode {args.mode} | model {args.model} ({params / 1e6:.2f}M params) | data {args.data}: "
-         f"{len(train_rows)} train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout}")
+    check_disk(args, params, device)
+    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
+    log0(f"npo | mode {args.mode} | model {args.model} ({params / 1e6:.2f}M params) | data {args.data}: {len(train_rows)} "
+         f"train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout} ({engine['runner']})")
     return Trainer(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer,
                    processor=processor, model=model, params=params, optim=optim, sched=sched, engine=engine,
                    train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts,
@@ -1345,26 +1377,27 @@ def run_sft(trainer):
     real instruct model does, for RL to start from."""
     args, model, tok = trainer.args, trainer.model, trainer.tokenizer
     start = resume_if_asked(trainer)
-    metrics = open_metrics(args.out, start if trainer.resumed is not None else None)
+    metrics = report.open_metrics(args.out, start if trainer.resumed is not None else None) if trainer.rank == 0 else None
     sync_weights(trainer.engine, model)
     base = evaluate(trainer)
+    sleep_engine(trainer.engine)
     log0(f"sft | start | eval greedy {base['eval_greedy']:.3f}")
     t0 = time.time()
     for step in range(start, args.sft_steps):
         idx = prompts_for_step(step, len(trainer.train_rows), args.sft_batch_size, args.seed, trainer.rank, trainer.world)
         batch = sft_batch(tok, trainer.train_rows, trainer.train_prompts, idx, trainer.processor)
-        logp, _ = forward_logprobs(model, batch, torch.arange(len(idx)), 1.0, trainer.device)     # [n, R]
         denom = all_reduce([float(batch["resp_mask"].sum())], trainer.device)[0] / trainer.world
-        loss = aggregate(-logp, batch["resp_mask"].to(trainer.device), "token-mean", denom)
-        loss.backward()
+        loss = sft_loss(model, batch, denom, args.micro_batch_size, trainer.device)
         optimizer_step(model, trainer.optim, trainer.sched, args.grad_clip)
-        rec = {"step": step + 1, "sft_loss": all_reduce([loss.item()], trainer.device)[0] / trainer.world}
+        rec = {"step": step + 1, "sft_loss": all_reduce([loss], trainer.device)[0] / trainer.world,
+               **peak_memory(trainer.device)}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
             sync_weights(trainer.engine, model)
             rec.update(evaluate(trainer))
+            sleep_engine(trainer.engine)
             log0(f"sft | step {step + 1}/{args.sft_steps} | loss {rec['sft_loss']:.3f} | "
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
-        write_metrics(metrics, rec)
+        report.write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
             snap = take_snapshot(model, trainer.optim, trainer.sched, step + 1)
             save_checkpoint(args.out, snap, args.keep_checkpoints, step + 1)
@@ -1372,6 +1405,18 @@ def run_sft(trainer):
     final = evaluate(trainer)
     finish(trainer, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
                      "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
+
+def sft_loss(model, batch, denom, micro_batch_size, device):
+    """Backward of the token-mean negative log-likelihood of a batch's responses, micro-batch by micro-batch
+    (the same loss and gradient as one pass: each part is divided by the whole batch's `denom`); returns it."""
+    total = 0.0
+    for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
+        j = torch.arange(s, min(s + micro_batch_size, batch["input_ids"].shape[0]))
+        logp, _ = forward_logprobs(model, batch, j, 1.0, device)                                     # [n, R]
+        loss = aggregate(-logp, batch["resp_mask"][j].to(device), "token-mean", denom)
+        loss.backward()
+        total = total + loss.detach()
+    return float(total)
 
 def rollout(trainer, step, guide=None):
     """Sample G responses for this rank's prompts of `step`, score them, inject guide samples into
@@ -1428,8 +1473,7 @@ def step_metrics(trainer, step, batch, info, stats):
     r, mixed = batch["on_policy_rewards"], batch["rewards"]
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
              "mixed_correct_sum": (mixed >= 1).sum().item(), "kl_sum": 0.0, **info, **stats}
-    tot = reduce_stats({k: float(v) for k, v in local.items() if k not in ("generate_s", "score_s", "train_s")},
-                       trainer.device)
+    tot = reduce_stats({k: v for k, v in local.items() if k not in ("generate_s", "score_s", "train_s")}, trainer.device)
     per = lambda k, n: tot[k] / max(tot[n], 1)  # noqa: E731
     n_opt = trainer.world * max(1, stats["optimizer_steps"])
     rec = {"step": step + 1, "reward": per("reward_sum", "n_seq"), "accuracy": per("correct_sum", "n_seq"),
@@ -1448,7 +1492,7 @@ def step_metrics(trainer, step, batch, info, stats):
            "loss": tot["loss_sum"] / n_opt, "grad_norm": tot["grad_norm_sum"] / n_opt, "lr": trainer.args.lr,
            "generate_s": info["generate_s"], "score_s": info["score_s"], "train_s": stats["train_s"],
            "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
-           "train_tokens": int(tot["train_tokens"])}
+           "train_tokens": int(tot["train_tokens"]), **peak_memory(trainer.device)}
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"),
                    ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
@@ -1511,30 +1555,31 @@ def run_rl(trainer):
     start = resume_if_asked(trainer, gen)
     resumed = trainer.resumed is not None
     state = NPOState(**trainer.resumed["npo"]) if resumed else NPOState()
-    metrics = open_metrics(args.out, state.compute_steps if resumed else None)
+    state.ring = [e for e in state.ring if os.path.exists(ring_file(args.ring_dir, e["name"]))]  # after --keep_ring off
+    metrics = report.open_metrics(args.out, state.compute_steps if resumed else None) if trainer.rank == 0 else None
     sync_weights(trainer.engine, trainer.model)
     if resumed:  # evaluating again would draw from the restored RNG and change the next steps
         base = trainer.resumed["base_eval"]
     else:
         base = evaluate(trainer)
         device = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"  # for MFU
-        write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
-                                "wall_s": 0.0, **base, "params": trainer.params, "device": device})
+        report.write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
+                                "wall_s": 0.0, **base, "params": trainer.params, "device": device, "world": trainer.world})
     log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
          f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     ring_steps = {0, args.breakthrough_at - args.breakthrough_delta} if args.mode == "npo" else {0}
-    uses_ring = args.mode != "grpo" and args.guide_source == "future"
     t0, wall0, last_eval, step = time.time(), (trainer.resumed or {}).get("wall_s", 0.0), base, start
+    compute0 = state.compute_steps
     while step < args.steps:
         # ---- Checkpoint ring buffer (NPO / AutoNPO) ---------------------------------------------
-        if uses_ring and (step % args.ring_every == 0 or step in ring_steps) and all(e["step"] != step for e in state.ring):
+        if args.uses_ring and (step % args.ring_every == 0 or step in ring_steps) \
+                and step not in [e["step"] for e in state.ring]:
             snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step)
             ring_push(state.ring, snap, args.ring_size, args.ring_dir, state.compute_steps)
             ring_gc(state.ring, args.ring_dir, args.out)
         # ---- Generate episodes (guide samples injected into failing groups) --------------------
         batch, info, failed_rows, successes = rollout(trainer, step, step_guide(trainer, state, step))
-        if trainer.engine["sleep_mode"]:  # vLLM on GPU: its memory goes to the trainer until the sync
-            vllm_control(trainer.engine, "sleep")
+        sleep_engine(trainer.engine)  # vLLM on GPU: its memory goes to the trainer until the sync
         # ---- Training -----------------------------------------------------------------------------
         stats = train_step(trainer, batch, gen)
         # ---- Update the inference engine's weights ------------------------------------------------
@@ -1551,15 +1596,19 @@ def run_rl(trainer):
             t = time.time()
             last_eval = evaluate(trainer)
             rec.update(last_eval, eval_s=time.time() - t)
-        write_metrics(metrics, rec)
+        report.write_metrics(metrics, rec)
         if not args.quiet:
             log0(step_line(args, step, rec))
+        if "eval_greedy" in rec:  # also with --quiet: a person watching a long job sees it live and when it ends
+            done, elapsed = state.compute_steps - compute0, time.time() - t0
+            log0(f"progress | {args.mode} | step {step}/{args.steps} | eval greedy {rec['eval_greedy']:.3f} | "
+                 f"{elapsed / 60:.1f} min, ~{elapsed / done * (args.steps - step) / 60:.1f} min left at this pace")
         # ---- NPO / AutoNPO: roll back Delta steps and retrain with theta_t as the guide -----------
         due = due_intervention(args, state, step)
         if due:
             new_step, irec = intervene(trainer, state, step, *due)
             irec["wall_s"] = wall0 + time.time() - t0
-            write_metrics(metrics, irec)
+            report.write_metrics(metrics, irec)
             log0(intervention_line(args, irec, new_step))
             step = new_step
         elif args.save_every and step % args.save_every == 0:
@@ -1569,6 +1618,8 @@ def run_rl(trainer):
             save_checkpoint(args.out, snap, args.keep_checkpoints, state.compute_steps,
                             [e["name"] for e in state.ring])
             ring_gc(state.ring, args.ring_dir, args.out)
+    if not args.keep_ring:  # a finished run needs no rollback (a resume of it finds no ring: see run_rl's start)
+        ring_gc([], args.ring_dir)
     k = args.eval_samples
     finish(trainer, {"mode": args.mode, "steps": args.steps, "compute_steps": state.compute_steps,
                      "interventions": state.interventions, "generated_tokens": state.generated_tokens,

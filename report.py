@@ -1,4 +1,5 @@
-"""The comparison's statistics and plots: a separate program over metrics files, no training code.
+"""The comparison's statistics and plots: a separate program over metrics files, no training code
+(npo.py writes its metrics.jsonl through open_metrics / write_metrics below).
 
     python report.py runs/compare        # -> results.json, curves.png, qvs.png and a printed table
 
@@ -27,6 +28,43 @@ T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 
 PAPER = {"grpo": 57.88, "npo": 62.84, "autonpo": 63.15, "early_speedup": 2.1,
          "setting": "Qwen3-VL-8B-Instruct, average of 8 multimodal reasoning benchmarks"}
 ORDER = ["grpo", "npo", "autonpo", "past", "external"]
+
+
+# ---- metrics.jsonl: one JSON record a line, written by npo.py through these, read back below -----------
+def open_metrics(out, resume_at):
+    """metrics.jsonl for appending (rank 0 only). On resume it is first cut back to the records up to
+    `resume_at` compute steps, through tmp + rename; a line cut short by a kill is dropped."""
+    path = os.path.join(out, "metrics.jsonl")
+    keep = []
+    if resume_at is not None and os.path.exists(path):
+        for line in open(path):
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if r.get("compute_steps", r.get("step", 0)) <= resume_at:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def write_metrics(f, rec):
+    if f is not None:
+        f.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+        f.flush()
+
+
+def _json_safe(x):
+    """NaN / inf (no trajectory to measure V on, say) become null, so the files stay JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def mean_ci95(xs):
@@ -188,21 +226,30 @@ def qvs_shapes(runs):
             "future_best_source": sum(t["future_best"] for t in tables), "tables": tables}
 
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}  # dense FLOP/s
+# Dense bf16 FLOP/s of one GPU, by torch.cuda.get_device_name(); the first name it contains wins ("NVIDIA H100
+# 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are slower).
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("A100", 312e12), ("L40S", 362e12), ("B200", 2250e12)]
+
+
+def peak_flops(device):
+    """One GPU's dense bf16 peak for a device name, or None (CPU, or a GPU not in the table)."""
+    return next((v for k, v in PEAK_BF16 if k in (device or "")), None)
 
 
 def throughput(records):
-    """Generated tokens/s in the generate phase, trained tokens/s in the train phase, and the train
-    phase's model FLOP utilisation where the device's peak is known."""
+    """Generated tokens/s in the generate phase, trained tokens/s in the train phase (all ranks), and the
+    train phase's model FLOP utilisation per GPU (FLOPs / seconds / (peak x world size)) where the peak is
+    known. Model FLOPs count 2N per token and pass (6N trained), not attention's (see the README)."""
     steps = [r for r in records if "train_s" in r and "event" not in r]
     head = next((r for r in records if "params" in r), {})
     gen_s, train_s = sum(r["generate_s"] for r in steps), sum(r["train_s"] for r in steps)
     out = {"gen_tokens_per_s": sum(r["step_tokens"] for r in steps) / gen_s if gen_s else None,
            "train_tokens_per_s": sum(r.get("train_tokens", 0) for r in steps) / train_s if train_s else None,
-           "device": head.get("device"), "params": head.get("params"), "mfu": None}
-    peak = next((v for k, v in PEAK_BF16.items() if k in (head.get("device") or "")), None)
+           "device": head.get("device"), "params": head.get("params"), "world": head.get("world", 1), "mfu": None}
+    peak = peak_flops(head.get("device"))
     if peak and train_s:
-        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / peak
+        out["mfu"] = sum(r.get("train_flops", 0) for r in steps) / train_s / (peak * out["world"])
     return out
 
 
@@ -328,16 +375,6 @@ def plot_qvs(qvs, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def write_report(root, command=""):

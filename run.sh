@@ -10,6 +10,9 @@
 #   bash run.sh gpu      the comparison on one GPU with a Qwen3-0.6B-shaped model built from a
 #                        config (no download), plus generated / trained tokens/s and MFU
 #   bash run.sh vl       the vision-language path: tiny Qwen3-VL, SFT then GRPO on counting shapes
+#   bash run.sh gpu-check  one GPU, <= 8 minutes: CUDA torch, bf16 FSDP2 RL steps, --grad_ckpt's memory, SFT's
+#                        peak memory, tokens/s and MFU, vLLM's sleep / reload / wake cycles; a line per check
+#                        (runs with the machine's own python when there is no .venv; installs nothing)
 #   bash run.sh setup    only the set-up (what .ci/run does before the tests)
 #   bash run.sh bench    seconds per GRPO step split by phase: HF vs vLLM engine at two sizes, and
 #                        1 process vs torchrun with 2 ranks
@@ -17,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=main
-case "${1:-}" in main|gpu|vl|setup|bench) mode="$1"; shift ;; esac
+case "${1:-}" in main|gpu|gpu-check|vl|setup|bench) mode="$1"; shift ;; esac
 PY=.venv/bin/python
 
 setup() {
@@ -37,6 +40,17 @@ setup() {
     .venv/bin/python -c "import vllm, torchvision" 2>/dev/null || { echo "set-up: vllm does not import"; exit 1; }
     touch .venv/.installed
   fi
+  if [ $extra = requirements-gpu.txt ]; then cuda_check .venv/bin/python; fi
+}
+
+cuda_check() {
+  # A GPU machine whose torch cannot use the GPU (a CUDA 13 wheel on a driver < 580) must not train on its CPU.
+  "$1" -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" && return
+  echo "set-up: nvidia-smi sees $(nvidia-smi -L | wc -l) GPU(s), driver $(nvidia-smi --query-gpu=driver_version \
+--format=csv,noheader | head -1), but torch $("$1" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') \
+cannot use them. torch 2.13's PyPI build needs driver >= 580; for an older driver: .venv/bin/pip install \
+torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 (CUDA 12 builds run on drivers >= 525)."
+  exit 1
 }
 
 torchvision_hook() {
@@ -137,20 +151,35 @@ compare() {
     done
   done
   echo "== comparison: ${#jobs[@]} runs (methods $methods, seeds $seeds), ${JOBS:-2} at a time, logs in $out/"
-  local running=0 job
+  local job pids=()
+  declare -A shown=()
   for job in "${jobs[@]}"; do
     read -r m seed <<<"$job"
     local dir="$out/${m}_seed$seed"
     if [ -f "$dir/summary.json" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
     ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py ${flags[$m]} --seed "$seed" --out "$dir" "${common[@]}" \
-        > "$dir.log" 2>&1 && echo "   $m seed $seed: $(tail -1 "$dir.log" | cut -c1-160)" \
+        > "$dir.log" 2>&1 && echo "   $m seed $seed: done, $(tail -1 "$dir.log" | cut -c1-150)" \
         || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; exit 1; } ) &
-    running=$((running + 1))
-    if [ $running -ge "${JOBS:-2}" ]; then wait -n || exit 1; running=$((running - 1)); fi
+    pids+=($!)
+    while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do progress "$out"; sleep 5; done
   done
-  while [ $running -gt 0 ]; do wait -n || exit 1; running=$((running - 1)); done
+  while [ -n "$(jobs -rp)" ]; do progress "$out"; sleep 5; done
+  for job in "${pids[@]}"; do wait "$job" || exit 1; done
   $PY report.py "$out" "bash run.sh $ARGS"
   echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
+}
+
+progress() {
+  # each run's newest "progress |" line (step, held-out accuracy, time left), printed when it changes
+  local log line
+  for log in "$1"/*.log; do
+    [ -f "$log" ] || continue
+    line=$(grep -a "^progress |" "$log" | tail -1) || true
+    if [ -n "$line" ] && [ "${shown[$log]:-}" != "$line" ]; then
+      shown[$log]=$line
+      echo "   $(basename "$log" .log): ${line#progress | }"
+    fi
+  done
 }
 
 gpu() {
@@ -228,6 +257,10 @@ PY
 
 ARGS="$*"
 SFT_FLAGS=() RUN_FLAGS=()
+if [ "$mode" = gpu-check ]; then  # a lent GPU machine: its own packages, nothing installed
+  [ -x $PY ] || PY=python3
+  exec $PY test_npo.py gpu_check "$@"
+fi
 setup
 case "$mode" in
   setup) ;;
@@ -235,5 +268,5 @@ case "$mode" in
   gpu) gpu "$@" ;;
   vl) vl "$@" ;;
   bench) bench ;;
-  *) echo "usage: bash run.sh [main|gpu|vl|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
+  *) echo "usage: bash run.sh [main|gpu|gpu-check|vl|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
 esac

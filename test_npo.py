@@ -7,12 +7,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,6 +153,7 @@ def test_policy_loss_matches_loop(agg, mode):
     guide[0] = 1
     guide[4, :3] = 1
     loss, st = npo.policy_loss(logp, old, adv, mask, 0.2, 0.28, agg, None, guide, glogp, mode)
+    st = {k: float(v) for k, v in st.items()}
     want = _loss_loop(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 0.28, agg,
                       guide.tolist(), glogp.tolist(), mode)
     assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
@@ -169,6 +172,7 @@ def test_tis_weights_match_loop():
     behav = old + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.8
     mask = (torch.rand(5, 7, generator=g) > 0.3).double()
     w, st = npo.tis_weights(old, behav, mask, 1.5)
+    st = {k: float(v) for k, v in st.items()}
     ratios = []
     for i in range(5):
         for t in range(7):
@@ -182,6 +186,124 @@ def test_tis_weights_match_loop():
     assert (st["tis_ratio_min"], st["tis_ratio_max"]) == pytest.approx((min(ratios), max(ratios)), rel=1e-12)
     w0, st0 = npo.tis_weights(old, behav, torch.zeros_like(mask), 1.5)
     assert w0.abs().sum() == 0 and st0["tis_tokens"] == 0
+
+
+class NoHostSync:
+    """Inside it, a tensor asked for a Python number (item, float, int, bool, tolist) raises: on a GPU
+    each of those makes the host wait for the device."""
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+    def __enter__(self):
+        self.saved = {n: getattr(torch.Tensor, n) for n in self.NAMES}
+
+        def refuse(*_, **__):
+            raise AssertionError("a host sync in the hot loop")
+        for n in self.NAMES:
+            setattr(torch.Tensor, n, refuse)
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+def test_loss_statistics_stay_on_the_device_until_the_step_is_reduced():
+    """policy_loss, tis_weights and merge_stats make no host sync (a micro-batch's statistics stay 0-d
+    tensors); reduce_stats brings them over once and gives what merging plain floats gives."""
+    g = torch.Generator().manual_seed(9)
+    total, floats = {}, {}
+    for part in range(3):
+        logp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+        old = logp + 0.3 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+        mask = (torch.rand(4, 6, generator=g) > 0.3).double()
+        guide = torch.zeros(4, 6, dtype=torch.float64)
+        guide[part] = 1 if part < 2 else 0  # the third micro-batch has no guide token
+        adv = torch.randn(4, generator=g, dtype=torch.float64)
+        with NoHostSync():
+            loss, st = npo.policy_loss(logp, old, adv, mask, denom=7.0, guide_mask=guide, guide_logp=old)
+            _, tis = npo.tis_weights(old, logp, mask * (1 - guide), 1.2)
+            npo.merge_stats(total, {**st, **tis, "loss_sum": loss.detach()})
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in {**st, **tis}.values())
+        npo.merge_stats(floats, {k: float(v) for k, v in {**st, **tis, "loss_sum": loss}.items()})
+    npo.setup_distributed()
+    reduced = npo.reduce_stats(total, torch.device("cpu"))
+    assert reduced.keys() == floats.keys()
+    for k, v in floats.items():
+        assert reduced[k] == pytest.approx(float(v), rel=1e-12), k
+    assert reduced["guide_ratio_max"] > -math.inf and reduced["on_ratio_min"] < math.inf
+
+
+def test_mfu_is_per_gpu_and_knows_the_h100_variants():
+    assert report.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and report.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert report.peak_flops("NVIDIA H100 NVL") == 835e12 and report.peak_flops("NVIDIA H200") == 989e12
+    assert report.peak_flops("cpu") is None and report.peak_flops(None) is None
+    steps = [{"step": k, "generate_s": 1.0, "train_s": 2.0, "step_tokens": 100, "train_tokens": 4000,
+              "train_flops": 3e15} for k in (1, 2)]
+    for world in (1, 8):
+        head = {"step": 0, "params": 1e9, "device": "NVIDIA H100 PCIe", "world": world}
+        t = report.throughput([head, *steps])
+        assert t["mfu"] == pytest.approx(6e15 / 4.0 / (756e12 * world)) and t["world"] == world
+    assert report.throughput([{"step": 0, "device": "cpu"}, *steps])["mfu"] is None
+
+
+def test_disk_check_counts_snapshots_and_refuses_before_training(world_of_one, tmp_path, monkeypatch):
+    """12 bytes per parameter per snapshot; checkpoints and the ring (+1 each while a new one is written)
+    and a 4-byte final model; files a resumed run replaces count as free; a second disk for the ring
+    is checked on its own. Too little free space stops the run with the numbers."""
+    out, ring = tmp_path / "out", tmp_path / "out" / "ring"
+    os.makedirs(out)
+    args = npo.parse_args(["--out", str(out), "--model", "tiny", "--mode", "autonpo"])
+    P = 10**9
+    need = 12 * P * (args.keep_checkpoints + 1) + 4 * P + 12 * P * (args.ring_size + 1)   # one disk: 124 GB
+    free = {"bytes": need + 1}
+    monkeypatch.setattr(npo.shutil, "disk_usage", lambda path: SimpleNamespace(free=free["bytes"]))
+    npo.check_disk(args, P, torch.device("cpu"))
+    free["bytes"] = need - 1
+    with pytest.raises(SystemExit, match=r"needs 124\.0 GB more .* \(checkpoints 36\.00 GB, model 4\.00 GB, ring "
+                                         r"84\.00 GB for 1\.00B parameters\)"):
+        npo.check_disk(args, P, torch.device("cpu"))
+    npo.check_disk(npo.parse_args(["--out", str(out), "--model", "tiny"]), P, torch.device("cpu"))   # GRPO: no ring
+    (ring / "step000010_c0000010_rank0.pt").write_bytes(b"x" * 10)  # a resumed run's ring file: replaced, so free
+    free["bytes"] = need - 10
+    npo.check_disk(args, P, torch.device("cpu"))
+    no_save = npo.parse_args(["--out", str(out), "--model", "tiny", "--save_every", "0", "--no_save_model"])
+    free["bytes"] = 1
+    npo.check_disk(no_save, P, torch.device("cpu"))   # writes nothing big
+
+
+def test_flash_attention_only_when_it_imports(tmp_path, monkeypatch, capsys):
+    """sdpa on a CPU; on a GPU flash_attention_2 only when transformers accepts it and the package
+    imports: a broken build (here one that raises on import) falls back to sdpa with a warning."""
+    assert npo.flash_attention_works() is False
+    import transformers.utils
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    (tmp_path / "flash_attn").mkdir()
+    (tmp_path / "flash_attn" / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert npo.flash_attention_works() is False
+    assert "does not import" in capsys.readouterr().err
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert npo.flash_attention_works() is True
+    sys.modules.pop("flash_attn")  # the stand-in leaves with the test
+
+
+def test_gpus_torch_cannot_use_stop_the_run(tmp_path):
+    """nvidia-smi sees a GPU but torch does not (a CUDA 13 wheel on an older driver): npo.py stops
+    with the driver and what to install, instead of training on the CPU; CUDA_VISIBLE_DEVICES=""
+    runs on the CPU on purpose."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 550.54.15'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    cmd = [PY, "-c", "import npo; npo.parse_args(['--out', '/tmp/x']); print('parsed')"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
+    assert p.returncode == 1 and "parsed" not in p.stdout
+    assert "NVIDIA H100 80GB HBM3, 550.54.15" in p.stderr and "driver >= 580" in p.stderr and "cu128" in p.stderr
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**env, "CUDA_VISIBLE_DEVICES": ""})
+    assert p.returncode == 0 and "parsed" in p.stdout
 
 
 def test_policy_loss_gradient_and_clipping():
@@ -972,6 +1094,62 @@ def test_vllm_logprobs_match_trainer_after_syncs(tiny_model, tiny_vl_model, tmp_
         assert res["greedy2"] == res["greedy0"]                # and pushing the old ones back restores
 
 
+def banned_worker(path, out):
+    """A VL model whose vocabulary (2048) is over vLLM's 1024-entry cap on allowed ids, and whose
+    output layer makes a vision token the likeliest next token everywhere. Samples with the engine's
+    ban and, as the control, without it; records every SamplingParams the engine is given."""
+    import vllm
+    npo.setup_distributed()
+    args = npo.parse_args(["--out", out, "--model", path, "--rollout", "vllm"])
+    seen, real = [], vllm.SamplingParams
+
+    def record(*a, **k):
+        sp = real(*a, **k)
+        seen.append({"allowed": sp.allowed_token_ids, "bias": sp.logit_bias})
+        return sp
+    tok = npo.load_tokenizer(path)
+    engine = npo.make_engine(path, args, torch.device("cpu"), max_images=1)
+    vllm.SamplingParams = record  # (after vLLM's own modules have imported the class)
+    rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
+    spec = npo.Sampling(4, 1.0, 1.0, 8, tok.eos_token_id, tok.pad_token_id)
+    banned = npo_data.vision_token_ids(npo.load_hf_model(path, torch.float32, "sdpa", "cpu").config)
+    count = lambda samples: sum(t in banned for ids, _ in samples for t in ids)  # noqa: E731
+    banned_run = npo.generate(engine, prompts, spec)
+    engine["bias"] = None
+    control = npo.generate(engine, prompts, spec)
+    with open(os.path.join(out, "banned.json"), "w") as f:
+        json.dump({"sampled_banned": count(banned_run), "tokens": sum(len(ids) for ids, _ in banned_run),
+                   "control_banned": count(control), "control_tokens": sum(len(ids) for ids, _ in control),
+                   "params": seen, "runner": engine["runner"], "banned": banned}, f)
+    npo.close_engine(engine)
+
+
+@SLOW
+@HAS_VLLM
+def test_vllm_never_samples_vision_tokens_of_a_large_vocabulary(tmp_path):
+    """No list of allowed ids is sent (Model Runner V2 takes at most 1024; a real VL vocabulary has
+    ~151k): the vision tokens get a -1e9 logit bias, and on a model that would otherwise write them
+    almost everywhere with logits ~100s above the rest (the control), none is ever sampled."""
+    from transformers import AutoModelForImageTextToText
+    path = npo_data.build_tiny(str(tmp_path / "vl"), vision=True, vocab_size=2048)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    banned = npo_data.vision_token_ids(model.config)
+    with torch.no_grad():  # text tokens' logits 0; the vision tokens' +-100 h.v: one of each pair is far above 0
+        w = model.lm_head.weight
+        v = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0))
+        w.zero_()
+        for k, t in enumerate(banned):
+            w[t] = (100 if k % 2 else -100) * v / v.norm()
+    model.save_pretrained(path)
+    run([PY, __file__, "banned_worker", path, str(tmp_path)])
+    res = json.load(open(tmp_path / "banned.json"))
+    assert len(res["banned"]) == 4 and model.config.get_text_config().vocab_size == 2048 > 1024
+    assert all(p["allowed"] is None for p in res["params"])
+    assert res["params"][0]["bias"] == {str(t): -1e9 for t in res["banned"]}
+    assert res["control_banned"] > 0.9 * res["control_tokens"]    # without the ban: nearly every token
+    assert res["sampled_banned"] == 0 and res["tokens"] >= 32 * 4  # with it: none, in 32 samples of 4+ tokens
+
 def _as_engine_names(trainer, names):
     """The trainer's tensors under the engine's parameter names (vLLM fuses q/k/v and gate/up), and
     which trainer names they cover."""
@@ -990,7 +1168,8 @@ def engine_weights(engine):
     """The engine's weights as it samples with them."""
     if engine["kind"] == "hf":
         return {k: v.detach().cpu() for k, v in engine["model"].state_dict().items()}
-    return npo.vllm_control(engine, "read")
+    return engine["llm"].collective_rpc(lambda w: {k: v.detach().cpu().clone()  # vLLM 0.32's names
+                                                   for k, v in w.model_runner.get_model().state_dict().items()})[0]
 
 
 def sync_worker(path, out, rollout, dtype):
@@ -1052,6 +1231,74 @@ def test_weight_sync_is_exact_and_logprobs_agree(tiny_model, tmp_path, rollout, 
     assert res["held_unequal"] == [] and res["held_compared"] >= (res["params"] if rollout == "hf" else 10)
     assert res["gap_max"] < (0.1 if dtype == "bf16" else 1e-5) and res["tokens"] > 20
 
+
+def test_grad_ckpt_recomputes_each_layer_and_lowers_peak_memory(world_of_one, tmp_path):
+    """--grad_ckpt checkpoints: the policy is in training mode (from_pretrained returns eval mode, in
+    which transformers' layers never checkpoint), each decoder layer runs its forward twice per
+    training micro-batch (once more in backward), and the micro-batch's peak memory drops."""
+    path, _ = world_of_one
+    dev = torch.device("cpu")
+    assert npo.load_policy(path, npo.parse_args(["--model", path, "--out", str(tmp_path), "--grad_ckpt"]), dev).training
+    plain = grad_ckpt_probe(path, str(tmp_path), False, 4, 256, dev)
+    ckpt = grad_ckpt_probe(path, str(tmp_path), True, 4, 256, dev)
+    print(f"forwards per layer {plain[0]} -> {ckpt[0]}, peak {plain[1] / 1e6:.1f} -> {ckpt[1] / 1e6:.1f} MB")
+    assert plain[0] == 1 and ckpt[0] == 2
+    assert ckpt[1] < 0.7 * plain[1]
+
+
+def test_sft_micro_batches_give_the_one_pass_loss_and_gradient(world_of_one, tmp_path):
+    """sft_loss by micro-batches of 3 (the last one short) equals one pass over all 8 sequences: loss
+    and every gradient to fp32 rounding."""
+    path, _ = world_of_one
+    dev = torch.device("cpu")
+    model = npo.load_policy(path, npo.parse_args(["--model", path, "--out", str(tmp_path)]), dev)
+    tok = npo.load_tokenizer(path)
+    rows = npo_data.make_task("mulsteps", "2x1", n_train=8, n_eval=0)[0]
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
+    batch = npo.sft_batch(tok, rows, prompts, list(range(8)))
+    denom = float(batch["resp_mask"].sum())
+    grads = []
+    for mb in (8, 3):
+        model.zero_grad(set_to_none=True)
+        loss = npo.sft_loss(model, batch, denom, mb, dev)
+        grads.append((loss, {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}))
+    (one, g1), (parts, g3) = grads
+    assert parts == pytest.approx(one, rel=1e-6) and one > 0
+    for n in g1:
+        assert torch.allclose(g1[n], g3[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_sft_trains_while_the_engine_sleeps(world_of_one, tmp_path, monkeypatch):
+    """run_sft puts a sleep-mode engine (vLLM on a GPU) to sleep before training and after every
+    evaluation, and wakes it only through a weight sync; no training forward runs while it is awake.
+    (A CPU has no sleep mode: the engine's calls are recorded on the HF engine.)"""
+    out = str(tmp_path)
+    args = npo.parse_args(["--mode", "sft", "--out", out, "--sft_steps", "4", "--eval_every", "2", "--eval_size", "4",
+                           "--eval_samples", "0", "--save_every", "0", "--no_save_model", "--rollout", "hf",
+                           "--sft_batch_size", "8", "--micro_batch_size", "4"])
+    trainer = npo.setup(args)
+    trainer.engine.update(sleep_mode=True, asleep=False)
+    log, real_sync, real_forward = [], npo.sync_weights, npo.forward_logprobs
+
+    def control(engine, action, weights=None):
+        log.append(action)
+        engine["asleep"] = True
+
+    def sync(engine, model):
+        log.append("sync")
+        engine["asleep"] = False
+        real_sync(engine, model)
+
+    def forward(model, *a, **k):
+        if torch.is_grad_enabled():
+            log.append("train-awake" if trainer.engine["asleep"] is False else "train")
+        return real_forward(model, *a, **k)
+    monkeypatch.setattr(npo, "vllm_control", control)
+    monkeypatch.setattr(npo, "sync_weights", sync)
+    monkeypatch.setattr(npo, "forward_logprobs", forward)
+    npo.run_sft(trainer)
+    assert "train-awake" not in log and log.count("train") == 4 * 2  # 4 steps of 2 micro-batches
+    assert log[:2] == ["sync", "sleep"] and log.count("sleep") == 3  # after the start and the two evaluations
 
 @SLOW
 def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
@@ -1331,7 +1578,7 @@ def test_checkpoint_is_one_training_state_and_the_ring_is_written_once(sft_model
     the ring's snapshots are files of their own, each written once, that checkpoints refer to."""
     common = ["--model", sft_model, "--steps", "12", "--save_every", "12", "--no_save_model", "--ring_every", "2"]
     train([*GRPO, *common], tmp_path / "grpo")
-    train([*GRPO, *common, "--mode", "autonpo", "--max_interventions", "0"], tmp_path / "npo")
+    train([*GRPO, *common, "--mode", "autonpo", "--max_interventions", "0", "--keep_ring"], tmp_path / "npo")
     size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))  # noqa: E731
     grpo, npo_ckpt = npo.latest_checkpoint(str(tmp_path / "grpo")), npo.latest_checkpoint(str(tmp_path / "npo"))
     assert size(npo_ckpt) < 1.05 * size(grpo)
@@ -1346,9 +1593,16 @@ def test_checkpoint_is_one_training_state_and_the_ring_is_written_once(sft_model
 @HAS_VLLM
 def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
     """--rollout vllm end to end under torchrun: exits 0, trains, the sampler matches the trainer
-    (fp32: the TIS ratio stays at 1), and no process is left behind."""
+    (fp32: the TIS ratio stays at 1), and no process is left behind. Its log has no line per weight
+    sync or generate call (vLLM warnings that mean nothing here), and a progress line per evaluation."""
     out = str(tmp_path / "vllm_run")
-    m = train([*GRPO, "--rollout", "vllm", "--model", sft_model, "--steps", "3"], out, ranks=2)
+    p = run(launcher(2) + ["npo.py", *GRPO, "--rollout", "vllm", "--model", sft_model, "--steps", "3", "--eval_every", "2",
+                           "--out", out])
+    log = p.stdout + p.stderr
+    assert "Failed to load weights" not in log and "set_num_threads" not in log, log[-3000:]
+    assert re.findall(r"^progress \| grpo \| step (\d)/3 \| eval greedy [\d.]+ \| [\d.]+ min, ~[\d.]+ min left", log,
+                      re.M) == ["2", "3"]
+    m = metrics(out)
     assert [r["step"] for r in m] == [0, 1, 2, 3] and all(math.isfinite(r["loss"]) for r in m[1:])
     for r in m[1:]:
         assert abs(r["tis_ratio_max"] - 1) < 1e-4 and abs(r["tis_ratio_min"] - 1) < 1e-4
@@ -1390,6 +1644,7 @@ def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
     assert all(("clipfrac_guide" in r) == (r["injected"] > 0) for r in steps)
     summary = json.load(open(os.path.join(tmp_path, "summary.json")))
     assert summary["compute_steps"] == 10 and summary["interventions"] == 2
+    assert os.listdir(tmp_path / "ring") == []  # a finished run deletes its ring snapshots (--keep_ring keeps them)
 
 
 AUTONPO = ["--mode", "autonpo", "--ring_every", "2", "--trigger_window", "2", "--cooldown", "3",
@@ -1467,7 +1722,7 @@ def empty_rank_worker(out, data):
             state = npo.NPOState(ring=list(ring), mistake_pool=pool, replay=replay, compute_steps=2)
             new_step, rec = npo.intervene(trainer, state, 2, [1, 2], "test")
             res["cases"][f"{name}/{mode}"] = {"new_step": new_step, "guide": sum(map(bool, state.guide_pool.values())),
-                                              "pool_after": len(state.mistake_pool), **npo._json_safe(rec)}
+                                              "pool_after": len(state.mistake_pool), **report._json_safe(rec)}
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     npo.close_engine(trainer.engine)
@@ -1702,6 +1957,185 @@ def test_run_sh_quick_writes_the_comparison(tmp_path):
     assert again.stdout.count("done before, kept") == 4 and time.time() - t < 60
 
 
+# =============================================================================================
+# `bash run.sh gpu-check`: the GPU-only path in one go, a line with numbers per check. On a CPU it
+# runs what a CPU can with the embedded model (test_gpu_check_runs_on_a_cpu), so it is ready to run.
+# =============================================================================================
+GPU_BASE = dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=128)  # run.sh gpu's Qwen3-0.6B-shaped model (~0.44B parameters)
+
+
+def peak_bytes(fn, device):
+    """Peak memory allocated while fn() runs, above what was allocated before: torch's counter on a GPU,
+    the profiler's allocation events on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = top = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        top = max(top, cur)
+    return top
+
+
+def grad_ckpt_probe(path, out, grad_ckpt, batch, length, device):
+    """One training micro-batch (forward, policy loss, backward) of `batch` random sequences of `length`
+    tokens: (forward calls per decoder layer, peak bytes of the step)."""
+    args = npo.parse_args(["--model", path, "--out", out] + (["--grad_ckpt"] if grad_ckpt else []))
+    model = npo.load_policy(path, args, device)
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    calls = [0]
+    for layer in layers:  # a pre-hook: the recomputation stops once it has what backward needs (no post-hook)
+        layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.get_text_config().vocab_size
+    prompts = [torch.randint(3, vocab, (8,), generator=g).tolist() for _ in range(batch)]
+    samples = [(torch.randint(3, vocab, (length,), generator=g).tolist(), [0.0] * length) for _ in range(batch)]
+    b = npo.make_batch(prompts, samples, 1, 0)
+
+    def step():
+        logp, _ = npo.forward_logprobs(model, b, torch.arange(batch), 1.0, device)
+        loss, _ = npo.policy_loss(logp, logp.detach(), torch.ones(batch, device=device), b["resp_mask"].to(device))
+        loss.backward()
+    step()  # warm-up: FSDP's and the kernels' one-time buffers are not activations
+    model.zero_grad(set_to_none=True)
+    calls[0] = 0
+    peak = peak_bytes(step, device)
+    return calls[0] / len(layers), peak
+
+
+def gpu_check(out="runs/gpu_check", small=""):
+    """`bash run.sh gpu-check` (<= 8 minutes on one GPU): one line per check, 'gpu-check | name | numbers |
+    ok / FAIL / skipped (why)'; exit 1 on a FAIL. `small`: the embedded model and CPU-sized shapes."""
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    fails = []
+
+    def say(name, text, ok=True):
+        state = ok if isinstance(ok, str) else ("ok" if ok else "FAIL")
+        print(f"gpu-check | {name} | {text} | {state}", flush=True)
+        if state == "FAIL":
+            fails.append(name)
+
+    # 1. torch, CUDA, driver
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip() if shutil.which("nvidia-smi") else "no nvidia-smi"
+    say("cuda", f"torch {torch.__version__}, CUDA {torch.version.cuda}, torch sees {torch.cuda.device_count()} GPU(s)"
+        f" ({torch.cuda.get_device_name() if dev.type == 'cuda' else '-'}), nvidia-smi: {smi or '-'}",
+        dev.type == "cuda" or "skipped (no GPU: a CPU dry run)")
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, "base")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        npo_data.build_tiny(base, **({} if small else GPU_BASE))
+    from transformers import AutoModelForCausalLM
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    rollout = "vllm" if has_vllm else "hf"
+    task = ["--data", "mulsteps", "--difficulty", "4x1", "--max_new_tokens", "48", "--eval_size", "16",
+            "--eval_samples", "0", "--eval_every", "1000", "--no_save_model", "--save_every", "0"]
+
+    def npo_run(name, flags):
+        p = subprocess.run([PY, "npo.py", *task, *flags, "--model", base, "--out", os.path.join(out, name)],
+                           cwd=HERE, capture_output=True, text=True)
+        if p.returncode:
+            say(name, f"npo.py exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}", False)
+            return None
+        return metrics(os.path.join(out, name))
+
+    # 2. SFT at run.sh gpu's shape (256 sequences a step, micro-batches of 128), the engine asleep meanwhile
+    shape = ["--sft_batch_size", "32", "--micro_batch_size", "16"] if small else ["--sft_batch_size", "256",
+                                                                                  "--micro_batch_size", "128"]
+    m = npo_run("sft", ["--mode", "sft", "--sft_steps", "3", "--lr", "1e-4", "--rollout", rollout, *shape])
+    if m:
+        st = [r for r in m if "sft_loss" in r]
+        mem = max((r.get("gpu_mem_peak_gb", 0) for r in st), default=0)
+        say("sft", f"{params / 1e6:.0f}M params, {' '.join(shape[1::2])} (batch, micro-batch), rollout {rollout}: "
+            f"loss {st[0]['sft_loss']:.3f} -> {st[-1]['sft_loss']:.3f}, trainer peak {mem:.1f} GB"
+            + (f" of {torch.cuda.get_device_properties(0).total_memory / 1e9:.0f}" if dev.type == "cuda" else ""),
+            all(math.isfinite(r["sft_loss"]) for r in st) and (dev.type != "cuda" or 0 < mem < 60))
+    # 3. bf16 FSDP2 RL steps with the HF engine; the external source makes every group carry signal
+    m = npo_run("rl", ["--mode", "npo", "--guide_source", "external", "--steps", "3", "--dtype", "bf16",
+                       "--rollout", "hf", "--prompts_per_step", "8" if small else "32", "--lr", "1e-5"])
+    if m:
+        st = steps_of(m)
+        say("rl-bf16-hf", "loss " + ", ".join(f"{r['loss']:.4f}" for r in st) + "; TIS ratio mean "
+            + ", ".join(f"{r['tis_ratio_mean']:.4f}" for r in st) + f"; approx_kl at step 1 {st[0]['approx_kl']:.2e}"
+            + f"; injected {st[0]['injected']}",
+            all(math.isfinite(r["loss"]) and abs(r["tis_ratio_mean"] - 1) < 0.05 for r in st) and st[0]["approx_kl"] < 1e-2)
+        t = report.throughput(m)
+        mfu = "-" if t["mfu"] is None else f"{100 * t['mfu']:.1f}%"
+        say("throughput", f"train {t['train_tokens_per_s']:.0f} tokens/s, generate (HF) {t['gen_tokens_per_s']:.0f} "
+            f"tokens/s, MFU {mfu} ({t['device']}, {t['world']} rank)", t["mfu"] is not None if dev.type == "cuda"
+            else "skipped (MFU: no GPU)")
+    # 4. --grad_ckpt: every decoder layer runs twice per micro-batch, and the step's peak memory drops
+    npo.setup_distributed()
+    size = (2, 128) if small else (8, 2048)
+    plain = grad_ckpt_probe(base, out, False, *size, dev)
+    ckpt = grad_ckpt_probe(base, out, True, *size, dev)
+    say("grad_ckpt", f"{size[0]} x {size[1]} tokens: forwards per layer {plain[0]:g} -> {ckpt[0]:g}, peak "
+        f"{plain[1] / 1e9:.2f} -> {ckpt[1] / 1e9:.2f} GB ({ckpt[1] / plain[1]:.2f}x)",
+        plain[0] == 1 and ckpt[0] == 2 and ckpt[1] < 0.7 * plain[1])
+    # 5. vLLM: sleep (level 2) -> wake(weights) -> reload -> wake(kv_cache), three times
+    if not has_vllm:
+        say("vllm", "vllm is not installed here", "skipped")
+    else:
+        vllm_cycles(base, out, dev, say)
+    print(f"gpu-check | done | {len(fails)} failed{': ' + ', '.join(fails) if fails else ''}", flush=True)
+    sys.exit(1 if fails else 0)
+
+
+def vllm_cycles(path, out, dev, say):
+    args = npo.parse_args(["--model", path, "--out", out, "--rollout", "vllm"])
+    tok = npo.load_tokenizer(path)
+    model = npo.load_policy(path, args, dev)
+    engine = npo.make_engine(path, args, dev)
+    rows = npo_data.make_task("mul", n_train=8, n_eval=0)[0]
+    prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
+    greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 16, tok.eos_token_id,  # noqa: E731
+                                                                                    tok.pad_token_id))]
+    free = lambda: torch.cuda.mem_get_info()[0] / 1e9 if dev.type == "cuda" else float("nan")  # noqa: E731
+    npo.sync_weights(engine, model)
+    cycles = []
+    for k in range(3):
+        before = greedy()
+        awake = free()
+        npo.sleep_engine(engine)
+        asleep = free()
+        with torch.no_grad():  # the trainer's update
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        npo.sync_weights(engine, model)  # wake(weights) -> reload -> wake(kv_cache)
+        sent = dict(npo.policy_weights(model, npo.DTYPES[args.dtype]))
+        held = {k: v for k, v in engine_weights(engine).items() if v.numel()}
+        as_trainer, _ = _as_engine_names(sent, held)
+        unequal = [n for n in as_trainer if not torch.equal(held[n][:as_trainer[n].shape[0]].cpu(), as_trainer[n].cpu())]
+        cycles.append((awake, asleep, free(), len(as_trainer), len(unequal), greedy() != before))
+    slept = engine["sleep_mode"]
+    line = "; ".join((f"free {a:.1f} -> asleep {s:.1f} -> awake {w:.1f} GB, " if slept else "no sleep mode on a CPU, ")
+                     + f"read back {n - u}/{n} equal, output {'changed' if c else 'UNCHANGED'}" for a, s, w, n, u, c in cycles)
+    say("vllm", f"model runner {engine['runner']}; {line}",
+        all(n > 0 and u == 0 and c and (not slept or s > a + 0.5) for a, s, w, n, u, c in cycles))
+    npo.close_engine(engine)
+
+
+@SLOW
+def test_gpu_check_runs_on_a_cpu(tmp_path):
+    """run.sh gpu-check with the embedded model on a CPU: every check runs (or says why not) and passes."""
+    p = run([PY, __file__, "gpu_check", str(tmp_path), "small"], timeout=900)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("gpu-check |")]
+    print("\n".join(lines))
+    assert [line.split(" | ")[1] for line in lines] == ["cuda", "sft", "rl-bf16-hf", "throughput", "grad_ckpt", "vllm",
+                                                         "done"]
+    assert all(line.endswith(("| ok", ")")) or "skipped" in line for line in lines[:-1]) and "| 0 failed" in lines[-1]
+
+
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
-     "sync_worker": sync_worker}[sys.argv[1]](*sys.argv[2:])
+     "sync_worker": sync_worker, "gpu_check": gpu_check,
+     "banned_worker": banned_worker}[sys.argv[1]](*sys.argv[2:])
