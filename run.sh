@@ -130,7 +130,8 @@ compare() {
     *) echo "unknown size $size"; exit 2 ;;
   esac
   [ -n "$seeds" ] || seeds=$([ $size = mul ] && echo 0,1,2 || echo 0)
-  [ -n "$methods" ] || methods=$([ $size = mul ] && echo grpo,npo,autonpo || echo grpo,npo,autonpo,external)
+  # longest first (AutoNPO replays steps), so that two at a time finish together
+  [ -n "$methods" ] || methods=$([ $size = mul ] && echo autonpo,npo,grpo || echo autonpo,npo,grpo,external)
   sft_base "$sft" $sft_steps "${SFT_FLAGS[@]}"
   mkdir -p "$out"
   local common=(--model "$sft/model" --steps $steps --eval_every $ev --eval_size $es --eval_samples 0
@@ -170,15 +171,16 @@ compare() {
 }
 
 progress() {
-  # each run's newest "progress |" line (step, held-out accuracy, time left), printed when it changes
-  local log line
+  # each run's new "progress |" lines (step, held-out accuracy, time left) and interventions (rollbacks)
+  local log lines total
   for log in "$1"/*.log; do
-    [ -f "$log" ] || continue
-    line=$(grep -a "^progress |" "$log" | tail -1) || true
-    if [ -n "$line" ] && [ "${shown[$log]:-}" != "$line" ]; then
-      shown[$log]=$line
-      echo "   $(basename "$log" .log): ${line#progress | }"
+    lines=$(grep -a -E "^progress \||\| intervention at step" "$log" 2>/dev/null) || continue
+    total=$(printf '%s\n' "$lines" | wc -l)
+    if [ "$total" -gt "${shown[$log]:-0}" ]; then
+      printf '%s\n' "$lines" | tail -n +$((${shown[$log]:-0} + 1)) | cut -c1-150 \
+        | sed "s/^progress | //; s/^/   $(basename "$log" .log): /"
     fi
+    shown[$log]=$total
   done
 }
 
