@@ -23,10 +23,9 @@ built from a config and loaded like any checkpoint; tiny-vl is its Qwen3-VL twin
     torchrun --nproc_per_node=8 npo.py --mode autonpo --model Qwen/Qwen3-8B --data train.parquet \\
         --eval_data test.parquet --lr 1e-6 --max_new_tokens 4096 --prompts_per_step 256 --grad_ckpt
 
-Reading order: the sections follow the data: arguments and the run's state -> distributed ->
-model -> data -> rollout engine and rewards -> advantages and loss (pure functions) -> training
-step -> checkpoints and the ring buffer -> NPO (injection, Q / V / S, intervention) -> AutoNPO
-triggers -> the loops and main. To learn the method read grpo_advantages, policy_loss,
+Reading order, as the data flows: arguments and state -> distributed -> model -> data -> rollout engine and rewards
+-> advantages and loss (pure functions) -> training step -> checkpoints and the ring buffer -> NPO (injection, Q / V
+/ S, intervention) -> AutoNPO triggers -> the loops. To learn the method read grpo_advantages, policy_loss,
 inject_guide, signal_quality, variance_cost, select_delta, intervene and run_rl.
 """
 import argparse
@@ -44,6 +43,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist, fmean, variance
 
 import torch
 import torch.distributed as dist
@@ -166,8 +166,7 @@ def is_vision_language(model):
     return hasattr(AutoConfig.from_pretrained(model), "vision_config")
 
 def flash_attention_works():
-    """flash-attn is optional (no wheel; sdpa otherwise): used on a GPU when transformers accepts it and it
-    imports (a broken build passes find_spec and crashes at the first forward)."""
+    """flash-attn (optional, no wheel; else sdpa) on a GPU when it imports: a broken build passes find_spec."""
     from transformers.utils import is_flash_attn_2_available
     if not (torch.cuda.is_available() and is_flash_attn_2_available()):
         return False
@@ -186,11 +185,10 @@ def gpus_unusable():
     gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                           capture_output=True, text=True).stdout.strip().splitlines()
     if gpus:
-        raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver) but torch "
-                         f"{torch.__version__} (CUDA {torch.version.cuda}) cannot use them. PyPI's torch 2.13 needs "
-                         "driver >= 580 (CUDA 13): upgrade it, or install a CUDA 12 build (drivers >= 525), e.g. pip "
-                         "install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 (CPU on purpose: "
-                         "CUDA_VISIBLE_DEVICES=)")
+        raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver), torch "
+                         f"{torch.__version__} (CUDA {torch.version.cuda}) none: PyPI's torch 2.13 needs driver >= 580 "
+                         "(CUDA 13); upgrade it, or pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/"
+                         "cu128 (CUDA 12 builds: drivers >= 525). CPU on purpose: CUDA_VISIBLE_DEVICES=")
 
 def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
@@ -256,11 +254,12 @@ class NPOState:
     guide_until: int = 0                              # the guide pool serves steps before this one
     manual_done: list = field(default_factory=list)   # manual NPO: 'bootstrap', 'breakthrough' done
     interventions: int = 0
-    last_intervention: int = 0                        # compute step of the last one (cooldown)
+    last_intervention: int = None                     # compute step of the last one (cooldown; None: elapsed)
     history: dict = field(default_factory=lambda: {"reward": [], "entropy": [], "all_wrong": []})
     compute_steps: int = 0                            # training steps run, replayed ones included
     generated_tokens: int = 0
     compute_flops: float = 0.0                        # model FLOPs, guide sampling and Q/V scoring included
+    eval_flops: float = 0.0                           # held-out evaluation's, apart: "per compute" is training
 
 
 # ======== 3. Distributed =======================================================================
@@ -312,12 +311,10 @@ def reduce_stats(stats, device):
     return dict(zip(keys, (sign * torch.where(ext, maxes, sums)).tolist()))
 
 def peak_memory(device):
-    """The trainer's peak GPU memory since the last call, in GB ({} on a CPU; vLLM's own pool is not in it)."""
+    """The trainer's peak GPU memory so far, in GB, max over ranks ({} on a CPU; vLLM's own pool is not in it)."""
     if device.type != "cuda":
         return {}
-    peak = torch.cuda.max_memory_allocated(device) / 1e9
-    torch.cuda.reset_peak_memory_stats(device)
-    return {"gpu_mem_peak_gb": all_reduce([peak], device, "max")[0]}
+    return {"gpu_mem_peak_gb": all_reduce([torch.cuda.max_memory_allocated(device) / 1e9], device, "max")[0]}
 
 def log0(*a):
     if dist.get_rank() == 0:
@@ -592,10 +589,11 @@ def _generate_vllm(engine, prompts, spec, vision=None):
     if engine["asleep"]:
         raise RuntimeError("the vLLM engine is asleep (its weights discarded): sync_weights() first")
     greedy = spec.temperature == 0
-    seed = int(torch.randint(2**31 - 1, (1,)))
-    sp = SamplingParams(n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
-                        max_tokens=spec.max_new_tokens, stop_token_ids=[spec.eos_id], logprobs=0,
-                        seed=None if greedy else seed, logit_bias=engine["bias"])  # VL: no vision tokens
+    # a seed per request: vLLM seeds sample j with seed + j, one seed per call correlates every prompt's samples
+    sp = [SamplingParams(n=spec.n, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
+                         max_tokens=spec.max_new_tokens, stop_token_ids=[spec.eos_id], logprobs=0,
+                         seed=None if greedy else seed, logit_bias=engine["bias"])  # VL: no vision tokens
+          for seed in torch.randint(2**31 - 1, (len(prompts),)).tolist()]
     requests = [{"prompt_token_ids": p} for p in prompts]
     for req, v in zip(requests, vision or []):
         if v is not None:  # vLLM expands each image's placeholder itself: one token per image
@@ -654,11 +652,14 @@ def evaluate(trainer, rows=None, prompts=None):
     vision, k = npo_data.vision_inputs(trainer.processor, my_rows), trainer.args.eval_samples
     greedy = generate(trainer.engine, my_prompts, sampling(trainer, 1, greedy=True), vision)
     g, s = sum(score_responses(trainer.tokenizer, my_rows, greedy, 1)), 0.0
+    tokens = sum(map(len, my_prompts)) + sum(len(ids) for ids, _ in greedy)
     if k > 0:
         sampled = generate(trainer.engine, my_prompts, sampling(trainer, k), vision)
         s = sum(score_responses(trainer.tokenizer, my_rows, sampled, k))
-    g, s, n = all_reduce([g, s, len(mine)], trainer.device)
-    return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n)}
+        tokens += sum(map(len, my_prompts)) + sum(len(ids) for ids, _ in sampled)
+    g, s, n, tokens = all_reduce([g, s, len(mine), tokens], trainer.device)
+    return {"eval_greedy": g / max(n, 1), f"eval_mean@{k}": s / max(n * k, 1), "eval_k": k, "eval_n": int(n),
+            "eval_tokens": int(tokens)}
 
 
 # ======== 7. Advantages and loss ===============================================================
@@ -982,9 +983,8 @@ def ring_gc(ring, ring_dir, out=None):
             os.remove(os.path.join(ring_dir, f))
 
 def check_disk(args, params, device):
-    """Stop at the start, on every rank, a run whose files will not fit: a snapshot is 12 bytes per parameter (fp32
-    weights, Adam's two moments); checkpoints keep --keep_checkpoints (+1 being written), the ring --ring_size (+1 before
-    the oldest goes), the final model 4 bytes per parameter. What a resumed run will replace counts as free."""
+    """Stop at the start (every rank) a run whose files will not fit: a snapshot is 12 B/parameter (fp32 weights, two
+    Adam moments) x (--keep_checkpoints + --ring_size + 2 being written), the final model 4 B/parameter."""
     snap, disks, msg = 12 * params, {}, ""
     parts = [(args.out, "checkpoints", (args.keep_checkpoints + 1) * snap * bool(args.save_every)),
              (args.out, "model", 4 * params * (not args.no_save_model))]
@@ -1051,43 +1051,47 @@ def quality_from_moments(mom):
     return q, math.sqrt((max(s2 - n * q * q, 0.0) / (n - 1) if n > 1 else 0.0) / n)
 
 def variance_cost(logp_policy, logp_source, mask):
-    """V, the variance cost of learning from the source's trajectories with weights w = pi_policy /
-    pi_source: V = E[w^2] / E[w]^2 = 1 + CV(w)^2, the factor by which importance weighting inflates
-    the variance of a mean (n / effective sample size). 1 for an on-policy source, growing with
-    the distance between the policies, scale-free (so defined for the external source, whose
-    pi_source = 1 is no distribution). Sequence level: w = exp(mean token log-ratio); token level
-    logged too. Inputs [N, T]; returns (V_seq, V_tok, moments [n, sum w, sum w^2] x 2)."""
+    """V, the variance cost of the source's trajectories. A whole trajectory's importance weight is w =
+    pi_policy(y) / pi_source(y) = exp(L), L the sum of its token log-ratios, and E[w^2] / E[w]^2 (n / effective
+    sample size) is exp(Var L) for normal L. So V = exp(Var L): 1 on-policy, growing with the distance, not capped
+    by n (a self-normalised n sum w^2 / (sum w)^2 is), scale-free (the external source's pi_source is taken as 1).
+    Var L unbiased (exp of it is biased up by ~Var(L)^2 / (n - 1); n < 2: V = 1). Diagnostic: V_geomean, that
+    ratio for w = exp(mean token log-ratio) (the former V, ~1 for any source). Inputs [N, T]; returns
+    (V, V_geomean, moments)."""
     m = mask.bool()
     d = torch.where(m, (logp_policy - logp_source).double(), 0.0)                    # [N, T]
     n_tok = m.sum(dim=1)
     keep = n_tok > 0
-    w_seq = torch.exp(d.sum(dim=1)[keep] / n_tok[keep])                              # [N']
-    w_tok = torch.exp(d[m])                                                          # [tokens]
-    mom = [float(len(w_seq)), w_seq.sum().item(), (w_seq ** 2).sum().item(),
-           float(len(w_tok)), w_tok.sum().item(), (w_tok ** 2).sum().item()]
+    L = d.sum(dim=1)[keep]                                                           # [N'] log w per trajectory
+    w_geo = torch.exp(L / n_tok[keep])                                               # [N']
+    mom = [float(len(L)), L.sum().item(), (L ** 2).sum().item(), w_geo.sum().item(), (w_geo ** 2).sum().item()]
     return (*variance_from_moments(mom)[:2], mom)
 
 def variance_from_moments(mom):
-    """(V_seq, V_tok, Var(w_seq)) from the moments: V = n sum w^2 / (sum w)^2 (NaN without
-    trajectories); Var(w), the population variance (0 on-policy), is a logged diagnostic."""
-    (n, s1, s2), (nt, t1, t2) = mom[0:3], mom[3:6]
-    v = lambda n, s1, s2: n * s2 / (s1 * s1) if n else float("nan")  # noqa: E731
-    return v(n, s1, s2), v(nt, t1, t2), (max(s2 / n - (s1 / n) ** 2, 0.0) if n else float("nan"))
+    """(V, V_geomean, Var L) from variance_cost's moments summed over ranks (NaN without trajectories)."""
+    n, s1, s2, g1, g2 = mom
+    if not n:
+        return (float("nan"),) * 3
+    var_l = max(s2 - s1 * s1 / n, 0.0) / (n - 1) if n > 1 else 0.0
+    return (math.exp(var_l) if var_l < 700 else math.inf), n * g2 / (g1 * g1), var_l
 
 def effective_signal(q, v):
-    """S = Q / V; 0 when V is NaN (no correct trajectory of the source to measure V on)."""
-    return q / v if v == v else 0.0
+    """S = Q / V; 0 when V is NaN (no correct trajectory of the source to measure V on) or infinite."""
+    return q / v if v == v and v < math.inf else 0.0
 
 def select_delta(table, min_delta=1, z=2.0):
-    """AutoNPO's choice among Q / V / S rows (one per Delta): the largest S with Delta >= min_delta
-    (ties: the smaller Delta). (row, None), or (None, why) when no row qualifies or the best Q is
-    within z standard errors of 0: no evidence the guide knows more, and a rollback costs steps."""
-    best = max((r for r in table if r["delta"] >= min_delta), key=lambda r: (r["S"], -r["delta"]), default=None)
+    """AutoNPO's choice among Q / V / S rows (one per Delta): the largest S with Delta >= min_delta (ties: the
+    smaller Delta). (row, None), or (None, why) when none qualifies or the chosen Q is not above 0 by z standard
+    errors, Bonferroni-corrected for the K candidates it is the best of (the best of K noisy estimates clears a
+    plain z bar far more often than 1 - Phi(z)): no evidence the guide knows more, and a rollback costs steps."""
+    rows = [r for r in table if r["delta"] >= min_delta]
+    best = max(rows, key=lambda r: (r["S"], -r["delta"]), default=None)
     if best is None:
         return None, f"no candidate snapshot with Delta >= {min_delta}"
-    if best["Q"] <= z * best["Q_se"]:
-        return None, (f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z:g} standard errors "
-                      f"({best['Q_se']:.3f}) of 0")
+    z_k = NormalDist().inv_cdf(1 - NormalDist().cdf(-z) / len(rows))                 # z for 1 of K
+    if best["Q"] <= z_k * best["Q_se"]:
+        return None, (f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z_k:.2f} standard errors "
+                      f"({best['Q_se']:.3f}) of 0 (z {z:g}, Bonferroni over {len(rows)} candidates)")
     return best, None
 
 
@@ -1142,37 +1146,34 @@ def score_solutions(trainer, solutions):
 def source_qv(trainer, solutions, q_rows, learner_solved):
     """Q, V and S of one source for the learner now in the trainer, combined over ranks.
     solutions: {row: [correct (ids, log pi_source)]}; q_rows: the prompts the learner failed;
-    learner_solved: {row: the learner solved it with m samples of its own}."""
+    learner_solved: {row: the learner solved it with m samples of its own}. V: one trajectory per solved q_row."""
+    solutions = {r: solutions[r][:1] for r in q_rows if solutions.get(r)}
     learner, scored = score_solutions(trainer, solutions)
     lp_l = [lp for r in sorted(solutions) for _, lp in learner[r]]
     lp_s = [lp for r in sorted(solutions) for _, lp in solutions[r]]
     width = max((len(x) for x in lp_l), default=0)
     pad = lambda xs: torch.tensor([x + [0.0] * (width - len(x)) for x in xs], dtype=torch.float64)  # noqa: E731
-    v_mom = variance_cost(pad(lp_l), pad(lp_s), pad([[1.0] * len(x) for x in lp_l]))[2] if lp_l else [0.0] * 6
-    q_mom = signal_quality([bool(solutions.get(r)) for r in q_rows], [learner_solved[r] for r in q_rows])[2]
-    own = sum(learner_solved[r] for r in q_rows)
-    tot = all_reduce([*q_mom, *v_mom, scored, own], trainer.device)
+    v_mom = variance_cost(pad(lp_l), pad(lp_s), pad([[1.0] * len(x) for x in lp_l]))[2] if lp_l else [0.0] * 5
+    q_mom = signal_quality([r in solutions for r in q_rows], [learner_solved[r] for r in q_rows])[2]
+    tot = all_reduce([*q_mom, *v_mom, scored, sum(learner_solved[r] for r in q_rows)], trainer.device)
     q, q_se = quality_from_moments(tot[0:3])
-    v_seq, v_tok, var_w = variance_from_moments(tot[3:9])
-    return {"Q": q, "Q_se": q_se, "V": v_seq, "V_token": v_tok, "var_w": var_w, "S": effective_signal(q, v_seq),
-            "learner_pass": tot[10] / tot[0] if tot[0] else 0.0, "pool_prompts": int(tot[0]),
-            "trajectories": int(tot[3]), "scored_tokens": int(tot[9])}
+    v, v_geo, var_l = variance_from_moments(tot[3:8])
+    return {"Q": q, "Q_se": q_se, "V": v, "log_V": var_l, "V_geomean": v_geo, "S": effective_signal(q, v),
+            "learner_pass": tot[9] / tot[0] if tot[0] else 0.0, "pool_prompts": int(tot[0]),
+            "trajectories": int(tot[3]), "scored_tokens": int(tot[8])}
 
 def qvs_table(trainer, state, t, candidates):
-    """Q, V and S of each source for the learner at each ring snapshot s = t - Delta.
-
-    The learner theta_s is loaded into the trainer and synced into the engine; its failures are
-    the mistake-pool prompts of steps [s, s + ring_every). Sources: future = the guide theta_t (m
-    samples per prompt, sampled and scored before any snapshot is loaded: log pi_guide from the
-    trainer, not the sampler), past = the learner's successes recorded before s, external = the
-    data's references. Only the future rows choose Delta; the others place the baselines on the
-    same Q-V map. Leaves the last candidate loaded. Returns (table, generated, scored tokens)."""
+    """Q, V and S of each source for the learner at each ring snapshot s = t - Delta (loaded into trainer and
+    engine); its failures are the mistake-pool prompts of steps [s, s + ring_every). Sources: future = the guide
+    theta_t (m samples per prompt, log pi_guide scored by the trainer before any snapshot is loaded), past = the
+    learner's successes before s, external = the references. Only future rows choose Delta; the baselines, measured
+    once (largest Delta), share the Q-V map. Leaves the last candidate loaded. Returns (table, this rank's generated
+    and scored tokens; the table's scored_tokens are all ranks' and counted by the caller)."""
     a = trainer.args
     windows = {s: [r for step, r in state.mistake_pool if s <= step < s + a.ring_every] for s in candidates}
     rows = sorted({r for w in windows.values() for r in w})
     future, generated = sample_correct(trainer, rows)
-    future, scored = score_solutions(trainer, future)
-    external = reference_solutions(trainer, rows)
+    future, scored = score_solutions(trainer, {r: v[:1] for r, v in future.items()})  # log pi_guide for V
     table = []
     for s in candidates:
         load_weights(ring_get(state.ring, s, a.ring_dir), trainer.model)
@@ -1180,10 +1181,10 @@ def qvs_table(trainer, state, t, candidates):
         learner, n = sample_correct(trainer, windows[s])
         generated += n
         solved = {r: bool(v) for r, v in learner.items()}
-        for source, sols in (("future", future), ("past", past_solutions(state.replay, rows, a.guide_samples, s)),
-                             ("external", external)):
+        sources = [("future", future)] + ([("past", past_solutions(state.replay, rows, a.guide_samples, s)),
+                                           ("external", reference_solutions(trainer, rows))] if s == min(candidates) else [])
+        for source, sols in sources:
             table.append({"source": source, "delta": t - s, "snapshot": s, **source_qv(trainer, sols, windows[s], solved)})
-            scored += table[-1]["scored_tokens"]
     return table, generated, scored
 
 def intervene(trainer, state, t, deltas, reason):
@@ -1209,14 +1210,13 @@ def intervene(trainer, state, t, deltas, reason):
     else:
         best, why = select_delta(future, a.min_delta, a.z)
     rec = {"event": "intervention", "step": t, "reason": reason, "table": table, "delta": best and best["delta"]}
-    new_step, state.guide_pool = t, {}
+    new_step, state.guide_pool, pool_generated = t, {}, 0
     if best is None:
         rec["skipped"] = why
     else:
         new_step = best["snapshot"]
         replayed = [i for step in range(new_step, t) for i in step_rows(trainer, step)]
-        state.guide_pool, n = sample_correct(trainer, replayed)
-        generated += n
+        state.guide_pool, pool_generated = sample_correct(trainer, replayed)
         crash_point("intervention")
         restore_snapshot(ring_get(state.ring, new_step, a.ring_dir), trainer.model, trainer.optim, trainer.sched, rng=False)
         ring_truncate(state.ring, new_step)
@@ -1226,15 +1226,16 @@ def intervene(trainer, state, t, deltas, reason):
         sync_weights(trainer.engine, trainer.model)
         solved, total = all_reduce([sum(map(bool, state.guide_pool.values())), len(state.guide_pool)], device)
         rec["guide_solved_share"] = solved / max(total, 1)
-    generated, scored = all_reduce([generated, scored], device)
-    scored += sum(r["scored_tokens"] for r in table)
-    rec.update(guide_tokens_generated=int(generated), scored_tokens=int(scored))
-    state.generated_tokens += int(generated)
-    state.compute_flops += 2 * trainer.params * (generated + scored)  # forward passes only
+    generated, scored, pool_generated = all_reduce([generated, scored, pool_generated], device)
+    scored += sum(r["scored_tokens"] for r in table)  # (all ranks' already)
+    # model FLOPs, forward passes only: measuring Q / V (sampling and scoring), the replay's guide pool
+    rec.update(qv_flops=2 * trainer.params * (generated + scored), guide_flops=2 * trainer.params * pool_generated,
+               guide_tokens_generated=int(generated + pool_generated), scored_tokens=int(scored))
+    state.generated_tokens += int(generated + pool_generated)
+    state.compute_flops += rec["qv_flops"] + rec["guide_flops"]
     state.last_intervention = state.compute_steps  # a skipped one waits out the cooldown too
     state.interventions += "skipped" not in rec
-    rec.update(compute_steps=state.compute_steps, generated_tokens=state.generated_tokens,
-               compute_flops=state.compute_flops)
+    rec.update(compute_steps=state.compute_steps, generated_tokens=state.generated_tokens, compute_flops=state.compute_flops)
     return new_step, rec
 
 
@@ -1252,19 +1253,21 @@ def slope_with_se(y):
     return b, math.sqrt(rss / max(n - 2, 1) / sxx)
 
 def reward_stagnation(rewards, window, min_slope, z=2.0):
-    """The reward has, with confidence, stopped rising: the slope of the last `window` per-step rewards
-    plus z standard errors is below `min_slope` (a bare slope test fires on noise, like a timer; a
-    noisy slope is uncertain, a flat plateau is not). Waits for two windows of history."""
+    """An event: the reward rose and has, with confidence, stopped. The last `window` rewards' slope plus z SE is
+    below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before
+    by z SE of the difference (an always-flat reward is no plateau to break; one that stays flat fires once)."""
     if len(rewards) < 2 * window:
         return False
-    b, se = slope_with_se(rewards[-window:])
-    return b + z * se < min_slope
+    last, prev = rewards[-window:], rewards[-2 * window:-window]
+    b, se = slope_with_se(last)
+    return b + z * se < min_slope and fmean(last) - fmean(prev) > z * math.sqrt((variance(last) + variance(prev)) / window)
 
 def entropy_collapse(entropies, window, frac):
-    """The mean entropy of the last `window` steps is below `frac` times that of the first `window`."""
+    """An event, not a level: the last `window` steps' mean entropy fell below `frac` times the window before's.
+    Steady sharpening (a scratchpad task's norm) and a level that stays low after a drop do not fire."""
     if len(entropies) < 2 * window:
         return False
-    return sum(entropies[-window:]) / window < frac * sum(entropies[:window]) / window
+    return sum(entropies[-window:]) < frac * sum(entropies[-2 * window:-window])
 
 def sparse_reward(all_wrong_shares, window, threshold):
     """Over the last `window` steps, more than `threshold` of the groups were all wrong."""
@@ -1275,13 +1278,11 @@ def autonpo_trigger(history, since_last, n_done, ring_ready, args):
     the policy's own samples, in compute order; since_last: steps since the last intervention."""
     if n_done >= args.max_interventions or since_last < args.cooldown or not ring_ready:
         return None
-    if sparse_reward(history["all_wrong"], args.trigger_window, args.sparse_threshold):
-        return "sparse_reward"
-    if entropy_collapse(history["entropy"], args.trigger_window, args.entropy_frac):
-        return "entropy_collapse"
-    if reward_stagnation(history["reward"], args.trigger_window, args.stagnation_slope, args.z):
-        return "reward_stagnation"
-    return None
+    w = args.trigger_window
+    fired = {"sparse_reward": sparse_reward(history["all_wrong"], w, args.sparse_threshold),
+             "entropy_collapse": entropy_collapse(history["entropy"], w, args.entropy_frac),
+             "reward_stagnation": reward_stagnation(history["reward"], w, args.stagnation_slope, args.z)}
+    return next((name for name, yes in fired.items() if yes), None)
 
 def due_intervention(args, state, step):
     """(candidate Deltas, reason) when an intervention is due after `step` steps, else None.
@@ -1294,9 +1295,9 @@ def due_intervention(args, state, step):
                 state.manual_done.append(name)
                 return [delta], name
     if args.mode == "autonpo":
-        deltas = [step - e["step"] for e in state.ring if e["step"] < step]
-        reason = autonpo_trigger(state.history, state.compute_steps - state.last_intervention,
-                                 state.interventions, bool(deltas), args)
+        deltas = [step - e["step"] for e in state.ring if step - e["step"] >= max(args.min_delta, 1)]
+        since = math.inf if state.last_intervention is None else state.compute_steps - state.last_intervention
+        reason = autonpo_trigger(state.history, since, state.interventions, bool(deltas), args)
         if reason:
             return deltas, reason
     return None
@@ -1410,8 +1411,7 @@ def sft_loss(model, batch, denom, micro_batch_size, device):
     """Backward of the token-mean negative log-likelihood of a batch's responses, micro-batch by micro-batch
     (the same loss and gradient as one pass: each part is divided by the whole batch's `denom`); returns it."""
     total = 0.0
-    for s in range(0, batch["input_ids"].shape[0], micro_batch_size):
-        j = torch.arange(s, min(s + micro_batch_size, batch["input_ids"].shape[0]))
+    for j in torch.arange(batch["input_ids"].shape[0]).split(micro_batch_size):
         logp, _ = forward_logprobs(model, batch, j, 1.0, device)                                     # [n, R]
         loss = aggregate(-logp, batch["resp_mask"][j].to(device), "token-mean", denom)
         loss.backward()
@@ -1432,10 +1432,10 @@ def rollout(trainer, step, guide=None):
     t_score = time.time() - t
     all_wrong = on_policy_rewards.max(dim=1).values <= 0        # [B] the mistake pool; triggers read these
     successes = [(idx[k // G], *samples[k]) for k in range(len(samples)) if on_policy_rewards.view(-1)[k] >= 1]
-    rewards, is_guide = on_policy_rewards, torch.zeros(len(samples), dtype=torch.bool)
+    mixed, rewards, is_guide = samples, on_policy_rewards, torch.zeros(len(samples), dtype=torch.bool)
     if guide:
-        samples, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
-    batch = make_batch(prompts, samples, G, tok.pad_token_id, vision)
+        mixed, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
+    batch = make_batch(prompts, mixed, G, tok.pad_token_id, vision)
     batch["rewards"], batch["on_policy_rewards"] = rewards, on_policy_rewards
     batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
     zero = zero_signal_groups(rewards)                                                  # [B]
@@ -1448,7 +1448,7 @@ def rollout(trainer, step, guide=None):
             "all_wrong_mixed": (rewards.max(dim=1).values <= 0).sum().item(),
             "rescued": (all_wrong & is_guide.view(-1, G).any(dim=1)).sum().item(), "groups": len(rows),
             "injected": int(is_guide.sum()), "prompt_tokens": sum(map(len, prompts)),
-            "gen_tokens": sum(len(ids) for (ids, _), g in zip(samples, is_guide.tolist()) if not g)}
+            "gen_tokens": sum(len(ids) for ids, _ in samples)}  # generated: replaced ones too
     failed_rows = [i for i, f in zip(idx, all_wrong.tolist()) if f]
     return batch, info, failed_rows, successes
 
@@ -1505,9 +1505,8 @@ def step_metrics(trainer, step, batch, info, stats):
     return rec
 
 def track_step(trainer, state, step, rec, failed_rows, successes):
-    """After a step: compute counters, the mistake pool, past successes and the trigger history.
-    Compute is model FLOPs (2N per token through a forward pass, prompts included, plus the
-    training passes): the one measure of every "per compute" number, guide sampling included."""
+    """After a step: compute counters, the mistake pool, past successes and the trigger history. Compute is model
+    FLOPs (2N per token per forward, prompts included, 6N trained), guide sampling included: every "per compute"."""
     a = trainer.args
     state.compute_steps += 1
     state.generated_tokens += rec["step_tokens"]
@@ -1562,6 +1561,7 @@ def run_rl(trainer):
         base = trainer.resumed["base_eval"]
     else:
         base = evaluate(trainer)
+        state.eval_flops = 2 * trainer.params * base["eval_tokens"]
         device = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"  # for MFU
         report.write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
                                 "wall_s": 0.0, **base, "params": trainer.params, "device": device, "world": trainer.world})
@@ -1595,7 +1595,8 @@ def run_rl(trainer):
         if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
             last_eval = evaluate(trainer)
-            rec.update(last_eval, eval_s=time.time() - t)
+            state.eval_flops += 2 * trainer.params * last_eval["eval_tokens"]
+            rec.update(last_eval, eval_s=time.time() - t, eval_flops=state.eval_flops)
         report.write_metrics(metrics, rec)
         if not args.quiet:
             log0(step_line(args, step, rec))
@@ -1615,8 +1616,7 @@ def run_rl(trainer):
             extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state),
                      "wall_s": wall0 + time.time() - t0}
             snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step, extra)
-            save_checkpoint(args.out, snap, args.keep_checkpoints, state.compute_steps,
-                            [e["name"] for e in state.ring])
+            save_checkpoint(args.out, snap, args.keep_checkpoints, state.compute_steps, [e["name"] for e in state.ring])
             ring_gc(state.ring, args.ring_dir, args.out)
     if not args.keep_ring:  # a finished run needs no rollback (a resume of it finds no ring: see run_rl's start)
         ring_gc([], args.ring_dir)
