@@ -8,7 +8,8 @@
 the README, fixed before the runs:
 - target = base + 50% of GRPO's mean gain (base: the held-out greedy accuracy at step 0, which is
   the same SFT model for every run); optimizer steps and compute (model FLOPs, guide sampling and
-  Q / V scoring included) to the first evaluation at or above it on the surviving branch;
+  Q / V scoring included) to the first evaluation at or above it by any model of the run, in compute
+  order (interpolated between evaluations);
 - area under the held-out curve over steps 0..`auc_steps`, as a mean accuracy;
 - final held-out accuracy;
 each as a mean over seeds with a 95% t-interval, and as the paired difference to GRPO on the same
@@ -106,14 +107,22 @@ def eval_points(records, axis):
 
 
 def first_reach(records, target):
-    """Optimizer step, compute steps, compute FLOPs and seconds of the first evaluation at or above
-    `target` on the surviving branch (None when the run never gets there)."""
-    survivor = {x: a for x, a, _ in eval_points(records, "step")}
-    for r in records:
-        if "eval_greedy" in r and "event" not in r and r["eval_greedy"] >= target - 1e-12 \
-                and survivor.get(r["step"]) == r["eval_greedy"]:
-            return {"step": r["step"], "compute_steps": r.get("compute_steps", r["step"]),
-                    "compute_flops": r.get("compute_flops"), "wall_s": r.get("wall_s", 0.0)}
+    """When the run first had a model at or above `target`: its optimizer step, compute steps, compute FLOPs
+    and seconds, or None. Any model of the run counts, in compute order, whatever branch it is on (a model
+    later rolled back still was reached; one trained with a guide from a later step cannot come first).
+    Linearly interpolated between that evaluation and the one before it (the eval grid quantises otherwise;
+    the step only where both are on one branch, else the evaluated step). Decided before the runs."""
+    evals = [r for r in records if "eval_greedy" in r and "event" not in r]
+    for prev, r in zip([None] + evals, evals):
+        if r["eval_greedy"] < target - 1e-12:
+            continue
+        f = 1.0 if prev is None or r["eval_greedy"] == prev["eval_greedy"] else \
+            (target - prev["eval_greedy"]) / (r["eval_greedy"] - prev["eval_greedy"])
+        at = lambda key, d=0.0: (prev.get(key, d) + f * (r.get(key, d) - prev.get(key, d))) if prev else r.get(key, d)  # noqa: E731
+        same_branch = prev is not None and prev["step"] < r["step"]
+        return {"step": at("step") if same_branch else r["step"], "compute_steps": at("compute_steps", r["step"]),
+                "compute_flops": at("compute_flops") if r.get("compute_flops") is not None else None,
+                "wall_s": at("wall_s")}
     return None
 
 
@@ -254,8 +263,11 @@ def throughput(records):
 
 
 def _fmt(d, p=3, scale=1.0):
+    """mean ± 95% half-width; with one seed there is no interval: the value and (n=1)."""
     if d["mean"] is None:
         return "-"
+    if d.get("n", 2) < 2:
+        return f"{d['mean'] / scale:.{p}f} (n=1)"
     return f"{d['mean'] / scale:.{p}f} ± {d['ci95'] / scale:.{p}f}"
 
 
@@ -281,7 +293,7 @@ def comparison_table(summary):
         cells = []
         for key, p, scale in (("final", 3, 1), ("auc", 3, 1), ("steps_to_target", 1, 1), ("flops_to_target", 1, flops)):
             d = r["vs_" + base][key]
-            verdict = "" if d["mean"] is None else (" " if d["excludes_0"] else " (null)")
+            verdict = "" if d["mean"] is None or d["n"] < 2 else (" " if d["excludes_0"] else " (null)")
             cells.append(f"{'+' if (d['mean'] or 0) > 0 else ''}{_fmt(d, p, scale)}{verdict}"
                          + (f" [n={d['n']}]" if d["n"] != len(r["seeds"]) else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -413,6 +425,11 @@ def write_report(root, command=""):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python report.py RUNS_DIR [command that made it]")
-    write_report(sys.argv[1], " ".join(sys.argv[2:]))
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", help="the comparison's directory: <method>_seed<k>/metrics.jsonl for each run")
+    p.add_argument("command", nargs="*", help="the command that made it (written into results.json)")
+    a = p.parse_args()
+    if not os.path.isdir(a.runs):
+        p.error(f"{a.runs}: no such directory (bash run.sh writes runs/compare)")
+    write_report(a.runs, " ".join(a.command))

@@ -1999,9 +1999,10 @@ def test_mean_ci95_against_hand_computed_t_interval():
     # (sample variance of 1..n is n (n + 1) / 12; t_{0.975, 11} = 2.201 from a printed table)
 
 
-def test_first_reach_and_eval_points_follow_the_surviving_branch():
+def test_first_reach_counts_any_model_in_compute_order_and_eval_points_follow_the_branch():
     """A rollback at step 4 back to 2: the step axis keeps the retrained evaluations, the compute
-    axis keeps all of them, and 'reached' counts only an evaluation that survived."""
+    axis keeps all of them, and the target counts as reached by the first model of the run at or
+    above it in compute order (rolled back or not), interpolated from the evaluation before it."""
     recs = [{"step": 0, "compute_steps": 0, "eval_greedy": 0.1, "wall_s": 0},
             {"step": 2, "compute_steps": 2, "eval_greedy": 0.2, "wall_s": 2},
             {"step": 4, "compute_steps": 4, "eval_greedy": 0.5, "wall_s": 4},
@@ -2013,9 +2014,15 @@ def test_first_reach_and_eval_points_follow_the_surviving_branch():
     assert [p[:2] for p in report.eval_points(recs, "step")] == [(0, 0.1), (2, 0.2), (4, 0.4), (6, 0.45)]
     assert [p[0] for p in report.eval_points(recs, "compute_steps")] == [0, 2, 4, 6, 8]
     assert [p[0] for p in report.eval_points(recs, "compute_flops")] == [0, 200, 400, 650, 850]
-    assert report.first_reach(recs, 0.45) == {"step": 6, "compute_steps": 8, "compute_flops": 850, "wall_s": 9}
-    assert report.first_reach(recs, 0.3) == {"step": 4, "compute_steps": 6, "compute_flops": 650, "wall_s": 7}
-    assert report.first_reach(recs, 0.6) is None
+    # 0.45 is first reached by the step-4 model of the first branch (0.5), later rolled back: 5/6 of the
+    # way from the evaluation before it (step 2, 0.2) on the same branch
+    assert report.first_reach(recs, 0.45) == pytest.approx({"step": 2 + 2 * 5 / 6, "compute_steps": 2 + 2 * 5 / 6,
+                                                            "compute_flops": 200 + 200 * 5 / 6, "wall_s": 2 + 2 * 5 / 6})
+    assert report.first_reach(recs, 0.3)["compute_steps"] == pytest.approx(2 + 2 / 3)
+    assert report.first_reach(recs, 0.6) is None and report.first_reach(recs, 0.1)["step"] == 0
+    # a first crossing right after a rollback: compute is interpolated, the step is the evaluated one
+    jump = [recs[0], {**recs[2], "eval_greedy": 0.3}, recs[3], {**recs[4], "step": 2, "eval_greedy": 0.5}]
+    assert report.first_reach(jump, 0.4) == pytest.approx({"step": 2, "compute_steps": 5, "compute_flops": 525, "wall_s": 5.5})
 
 
 
@@ -2048,21 +2055,27 @@ def test_paired_difference_and_null_verdict():
 
 def test_summary_target_and_paired_metrics_on_synthetic_runs():
     """Base 0.2 (step 0), GRPO ends at 0.4 and 0.6 (mean gain 0.3, target 0.35); the other method
-    gets there 10 steps sooner on both seeds."""
+    gets there sooner on both seeds. Steps to target interpolated between evaluations by hand."""
     runs = {"grpo": {0: _run({0: 0.2, 10: 0.3, 20: 0.36, 30: 0.4}), 1: _run({0: 0.2, 10: 0.3, 20: 0.5, 30: 0.6})},
             "npo": {0: _run({0: 0.2, 10: 0.36, 20: 0.4, 30: 0.42}), 1: _run({0: 0.2, 10: 0.4, 20: 0.5, 30: 0.55})}}
     s = report.summarize_comparison(runs, auc_steps=30)
     assert s["base_greedy"] == pytest.approx(0.2) and s["target_greedy"] == pytest.approx(0.35)
     g, n = s["methods"]["grpo"], s["methods"]["npo"]
-    assert [g["per_seed"][k]["steps_to_target"] for k in (0, 1)] == [20, 20]
-    assert [n["per_seed"][k]["steps_to_target"] for k in (0, 1)] == [10, 10]
-    assert n["vs_grpo"]["steps_to_target"]["mean"] == -10 and n["vs_grpo"]["steps_to_target"]["ci95"] == 0
-    assert n["vs_grpo"]["flops_to_target"]["mean"] == -1000
+    cross = lambda x0, a0, x1, a1: x0 + (0.35 - a0) / (a1 - a0) * (x1 - x0)  # noqa: E731
+    want_g, want_n = [cross(10, 0.3, 20, 0.36), cross(10, 0.3, 20, 0.5)], [cross(0, 0.2, 10, 0.36), cross(0, 0.2, 10, 0.4)]
+    assert [g["per_seed"][k]["steps_to_target"] for k in (0, 1)] == pytest.approx(want_g)   # 18.3, 12.5
+    assert [n["per_seed"][k]["steps_to_target"] for k in (0, 1)] == pytest.approx(want_n)   # 9.4, 7.5
+    diffs = [a - b for a, b in zip(want_n, want_g)]
+    assert n["vs_grpo"]["steps_to_target"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert n["vs_grpo"]["steps_to_target"]["ci95"] == pytest.approx(12.706 * abs(diffs[0] - diffs[1]) / 2)
+    assert n["vs_grpo"]["flops_to_target"]["mean"] == pytest.approx(100 * sum(diffs) / 2)
     assert n["vs_grpo"]["final"]["mean"] == pytest.approx((0.42 - 0.4 + 0.55 - 0.6) / 2)
     assert n["final"]["n"] == 2 and g["reached_target"] == 2
     assert n["auc"]["mean"] == pytest.approx(((0.2 + 0.36) / 2 + (0.36 + 0.4) / 2 + (0.4 + 0.42) / 2
                                               + (0.2 + 0.4) / 2 + (0.4 + 0.5) / 2 + (0.5 + 0.55) / 2) / 6)
     assert "| npo |" in report.comparison_table(s)
+    one = report.summarize_comparison({m: {0: r[0]} for m, r in runs.items()}, auc_steps=30)
+    assert report._fmt(one["methods"]["npo"]["final"]) == "0.420 (n=1)"  # one seed: no interval, no verdict
 
 
 def test_qvs_shapes_interior_and_edges():
