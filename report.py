@@ -380,7 +380,8 @@ def plot_qvs(qvs, path):
     for level in (0.1, 0.3, 1.0):
         right.plot(v, level * np.exp(v), "--", color="gray", alpha=0.4, linewidth=0.8)
     right.set_xlim(lo, hi)
-    right.set_ylim(min(0.0, right.get_ylim()[0]), max(1.0, max((x["Q"] for x in tab["table"]), default=1.0)) * 1.05)
+    qs = [x["Q"] for x in tab["table"]]
+    right.set_ylim(min([0.0] + qs) - 0.05, max([1.0] + qs) + 0.05)  # the data's, not the S = const curves
     right.set_xlabel("ln V = Var(log w) over whole trajectories (0 = on-policy)")
     right.set_ylabel("Q = excess solve rate on the learner's failed prompts")
     right.set_title(f"{tab['run']}, step {tab['step']} ({tab['reason']}); dashed: S = 0.1, 0.3, 1", fontsize=10)
