@@ -22,6 +22,9 @@ and optionally images|image: paths relative to the file, or bytes / {"bytes": ..
 verl / EasyR1 layout), placed where the prompt says '<image>' (before the text when it does not).
 A malformed row raises DataError naming the file, row and field, before any training starts.
 
+The order in which training reads rows (prompts_for_step, a function of the step) and the layout of
+a rollout batch (make_batch: responses as [N, R] tensors) are here too.
+
 The embedded model these tasks are learned by (build_tiny: a ~1M-parameter Qwen3 or Qwen3-VL from a
 config with a character-level tokenizer) is built here too: with the tasks it is the embedded default.
 """
@@ -31,6 +34,8 @@ import json
 import os
 import random
 import string
+
+import torch
 
 TASKS = ("mul", "mulsteps", "lin", "countdown", "count")
 DEFAULT_DIFFICULTY = {"mul": "3x1", "mulsteps": "4x1", "lin": "1", "countdown": "3", "count": "4"}
@@ -352,6 +357,69 @@ def sft_target(tokenizer, row):
 
 
 # =============================================================================================
+# The data order and the batch layout the trainer reads
+# =============================================================================================
+def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
+    """Row indices this rank trains on at `step`: epochs of seeded permutations cut into global
+    batches, each split evenly over ranks.
+
+    >>> a = prompts_for_step(0, 10, 4, seed=0, rank=0, world=2)
+    >>> b = prompts_for_step(0, 10, 4, seed=0, rank=1, world=2)
+    >>> len(a), len(b), len(set(a + b)), a == prompts_for_step(0, 10, 4, 0, 0, 2)
+    (2, 2, 4, True)
+    """
+    start, idx = step * prompts_per_step, []
+    while len(idx) < prompts_per_step:
+        epoch, offset = divmod(start + len(idx), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        idx.extend(perm[offset:offset + prompts_per_step - len(idx)].tolist())
+    per_rank = prompts_per_step // world
+    return idx[rank * per_rank:(rank + 1) * per_rank]
+
+
+def left_pad(seqs, pad_id, width=None):
+    """[N, width] ids and attention mask, each sequence right-aligned (it ends where a response starts)."""
+    width = width or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def make_batch(prompts, samples, n, pad_id, vision=None):
+    """Pack prompt-major samples (n per prompt, each (response ids, sampling log-probs)) into
+    padded tensors: prompts left-padded to P, responses right-padded to R, so that every per-token
+    quantity of the responses is an [N, R] tensor (the trainer lays each micro-batch out anew).
+
+    >>> b = make_batch([[5, 6], [7]], [([8, 2], [-0.1, -0.2]), ([9], [-0.3])], n=1, pad_id=0)
+    >>> b["input_ids"].tolist(), b["attention_mask"][1].tolist(), b["resp_mask"].tolist()
+    ([[5, 6, 8, 2], [0, 7, 9, 0]], [0, 1, 1, 0], [[1.0, 1.0], [1.0, 0.0]])
+    """
+    P, R, N = max(len(p) for p in prompts), max(1, max(len(ids) for ids, _ in samples)), len(samples)
+    input_ids, attn = left_pad([prompts[k // n] for k in range(N)], pad_id, P)
+    input_ids = torch.cat([input_ids, torch.full((N, R), pad_id, dtype=torch.long)], dim=1)   # [N, P+R]
+    attn = torch.cat([attn, torch.zeros((N, R), dtype=torch.long)], dim=1)                   # [N, P+R]
+    resp_mask, behav = torch.zeros((N, R)), torch.zeros((N, R))                              # [N, R]
+    for k, (ids, lps) in enumerate(samples):
+        if ids:
+            input_ids[k, P:P + len(ids)] = torch.tensor(ids)
+            attn[k, P:P + len(ids)] = 1
+            resp_mask[k, :len(ids)] = 1
+            behav[k, :len(ids)] = torch.tensor(lps)
+    vision = [vision[k // n] for k in range(N)] if vision and any(v is not None for v in vision) else None
+    return {"input_ids": input_ids, "attention_mask": attn, "resp_mask": resp_mask, "behav_logp": behav,
+            "prompt_len": P, "vision": vision}
+
+
+def sft_batch(tokenizer, rows, prompts, idx, processor=None):
+    targets = [sft_target(tokenizer, rows[i]) for i in idx]
+    return make_batch([prompts[i] for i in idx], [(t, [0.0] * len(t)) for t in targets], 1,
+                      tokenizer.pad_token_id, vision_inputs(processor, [rows[i] for i in idx]))
+
+
+# =============================================================================================
 # Rows -> model inputs: chat prompts as token ids (image placeholders expanded), images as pixels
 # =============================================================================================
 def load_processor(path, min_pixels=None, max_pixels=None):
@@ -428,7 +496,6 @@ def vision_kwargs(vision, input_ids, image_token_id, device):
     """Model inputs for sequences whose vision_inputs() entries are `vision` (None for text):
     patches in sequence order, their grids and mm_token_type_ids (the model derives M-RoPE
     positions from them). {} when no sequence has an image."""
-    import torch
     vision = [v for v in vision or [] if v is not None]
     if not vision:
         return {}
@@ -496,7 +563,6 @@ def build_tiny(path, seed=0, vision=False, **sizes):
     vision=True: a ~0.8M Qwen3VLForConditionalGeneration (2 vision blocks of width 64, 16-pixel
     patches merged 2x2, so a 64x64 image is 4 tokens; 2 text layers) with a Qwen3VLProcessor.
     Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
-    import torch
     import transformers as tf
     tokenizer = char_tokenizer(VISION_TOKENS if vision else ())
     v = tokenizer.get_vocab()

@@ -49,10 +49,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as hf_logging
 
 import data as npo_data
-import report  # metrics.jsonl: written (open_metrics, write_metrics) and read in one place
+import report  # metrics.jsonl and the log lines: written (open_metrics, write_metrics, step_line) and read in one place
 import verifier
 
 hf_logging.disable_progress_bar()
@@ -115,7 +116,11 @@ def parse_args(argv=None):
     g.add_argument("--kl_coef", type=float, default=0.0, help="k3 KL to the initial policy (0: off, no reference model)")
     g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
     g.add_argument("--minibatch_size", type=int, default=None, help="sequences per optimizer step; default half a batch")
-    g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank")
+    g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank, at most")
+    g.add_argument("--micro_batch_tokens", type=int, default=None, help="... and tokens (padding included) at most, "
+                   "sequences grouped by length; 0: no cap; default 0 embedded, 16384")
+    g.add_argument("--pack", action="store_true", help="padding-free micro-batches: sequences back to back in one row "
+                   "(text models; flash-attn's varlen kernel on GPU, on sdpa a mask of the packed length squared)")
 
     g = p.add_argument_group("NPO: the near-future guide")
     g.add_argument("--gate", type=float, default=0.6, help="a group gets a guide sample when its accuracy is below this")
@@ -200,6 +205,7 @@ def resolve_defaults(args, p):
     args.max_prompt_tokens = args.max_prompt_tokens or pick(128, 4096)
     args.prompts_per_step = args.prompts_per_step or pick(32, 256)
     args.minibatch_size = args.minibatch_size or args.prompts_per_step * args.group_size // 2
+    args.micro_batch_tokens = pick(0, 16384) if args.micro_batch_tokens is None else args.micro_batch_tokens
     if args.rollout == "auto":  # vLLM's fixed cost per engine step outweighs a whole HF generate for tiny answers
         short = npo_data.is_embedded(args.model) and args.max_new_tokens <= 32
         args.rollout = "vllm" if importlib.util.find_spec("vllm") and not short else "hf"
@@ -214,6 +220,8 @@ def resolve_defaults(args, p):
                 "--mode npo and no --bootstrap_delta / --breakthrough_at")
     if args.mode == "npo" and args.guide_source == "future" and not (args.bootstrap_delta or args.breakthrough_at):
         p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
+    if args.pack and is_vision_language(args.model):
+        p.error("--pack is for text models (a VL model computes its M-RoPE positions per padded row)")
     if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
         p.error("--breakthrough_delta must be in 1..--breakthrough_at")
     reach = args.ring_every * (args.ring_size - 1)
@@ -384,70 +392,12 @@ def model_path(args):
 
 
 # ======== 5. Data ==============================================================================
-# rows -> chat prompts (token ids) -> padded batches; the data order is a pure function of the step.
-# Rows are read and encoded by data.py (load_data, encode_prompts), which also turns a VL row's images
-# into model inputs (vision_inputs, vision_kwargs): a text reader can skip those.
-def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
-    """Row indices this rank trains on at `step`: epochs of seeded permutations cut into global
-    batches, each split evenly over ranks.
-
-    >>> a = prompts_for_step(0, 10, 4, seed=0, rank=0, world=2)
-    >>> b = prompts_for_step(0, 10, 4, seed=0, rank=1, world=2)
-    >>> len(a), len(b), len(set(a + b)), a == prompts_for_step(0, 10, 4, 0, 0, 2)
-    (2, 2, 4, True)
-    """
-    start, idx = step * prompts_per_step, []
-    while len(idx) < prompts_per_step:
-        epoch, offset = divmod(start + len(idx), n_rows)
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        idx.extend(perm[offset:offset + prompts_per_step - len(idx)].tolist())
-    per_rank = prompts_per_step // world
-    return idx[rank * per_rank:(rank + 1) * per_rank]
-
-def step_rows(trainer, step):
-    """This rank's rows of `step` under the run's settings."""
-    a = trainer.args
-    return prompts_for_step(step, len(trainer.train_rows), a.prompts_per_step, a.seed, trainer.rank, trainer.world)
-
-def left_pad(seqs, pad_id, width=None):
-    """[N, width] ids and attention mask, each sequence right-aligned (it ends where a response starts)."""
-    width = width or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-def make_batch(prompts, samples, n, pad_id, vision=None):
-    """Pack prompt-major samples (n per prompt, each (response ids, sampling log-probs)) into
-    padded tensors: prompts left-padded to P, responses right-padded to R.
-
-    >>> b = make_batch([[5, 6], [7]], [([8, 2], [-0.1, -0.2]), ([9], [-0.3])], n=1, pad_id=0)
-    >>> b["input_ids"].tolist(), b["resp_mask"].tolist(), b["position_ids"][1].tolist()
-    ([[5, 6, 8, 2], [0, 7, 9, 0]], [[1.0, 1.0], [1.0, 0.0]], [0, 0, 1, 1])
-    """
-    P, R, N = max(len(p) for p in prompts), max(1, max(len(ids) for ids, _ in samples)), len(samples)
-    input_ids, attn = left_pad([prompts[k // n] for k in range(N)], pad_id, P)
-    input_ids = torch.cat([input_ids, torch.full((N, R), pad_id, dtype=torch.long)], dim=1)   # [N, P+R]
-    attn = torch.cat([attn, torch.zeros((N, R), dtype=torch.long)], dim=1)                   # [N, P+R]
-    resp_mask, behav = torch.zeros((N, R)), torch.zeros((N, R))                              # [N, R]
-    for k, (ids, lps) in enumerate(samples):
-        if ids:
-            input_ids[k, P:P + len(ids)] = torch.tensor(ids)
-            attn[k, P:P + len(ids)] = 1
-            resp_mask[k, :len(ids)] = 1
-            behav[k, :len(ids)] = torch.tensor(lps)
-    pos = (attn.cumsum(dim=1) - 1).clamp(min=0)  # [N, P+R] from each sequence's first token, as generate counts
-    vision = [vision[k // n] for k in range(N)] if vision and any(v is not None for v in vision) else None
-    return {"input_ids": input_ids, "attention_mask": attn, "position_ids": pos, "resp_mask": resp_mask,
-            "behav_logp": behav, "prompt_len": P, "vision": vision}
-
-def sft_batch(tokenizer, rows, prompts, idx, processor=None):
-    targets = [npo_data.sft_target(tokenizer, rows[i]) for i in idx]
-    return make_batch([prompts[i] for i in idx], [(t, [0.0] * len(t)) for t in targets], 1,
-                      tokenizer.pad_token_id, npo_data.vision_inputs(processor, [rows[i] for i in idx]))
-
+# rows -> chat prompts (token ids) -> padded batches, in data.py: load_data, encode_prompts, the data order (a
+# function of the step: prompts_for_step), the batch layout (make_batch), VL inputs (vision_inputs, vision_kwargs).
+def step_rows(trainer, step, per_step=None):
+    """This rank's rows of `step` under the run's settings (per_step: rows per step over all ranks, if not RL's)."""
+    a, n = trainer.args, len(trainer.train_rows)
+    return npo_data.prompts_for_step(step, n, per_step or a.prompts_per_step, a.seed, trainer.rank, trainer.world)
 
 # ======== 6. Rollout engine and rewards ========================================================
 # vllm: a colocated engine per rank (TP=1, the torchrun group reused), weights pushed in after every step;
@@ -608,28 +558,36 @@ def _generate_vllm(engine, prompts, spec, vision=None):
     return res
 
 def _generate_hf(engine, prompts, spec, vision=None):
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
     model = engine["model"]
     device = next(model.parameters()).device
     greedy = spec.temperature == 0
-    # every sampling knob explicit: a None would be filled from the checkpoint's generation_config
-    # or transformers' defaults (top_k=50), and the engine would sample another distribution
+    # every sampling knob explicit: a None would be filled from the checkpoint's generation_config or transformers'
+    # defaults (top_k=50). Temperature and top-p are our processors, followed by the one that keeps the log-prob
+    # of each sampled token (generate would put its own warpers after every processor passed in)
     cfg = GenerationConfig(
-        do_sample=not greedy, temperature=None if greedy else spec.temperature, top_p=None if greedy else spec.top_p,
+        do_sample=not greedy, temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
         top_k=None if greedy else 0, repetition_penalty=1.0, max_new_tokens=spec.max_new_tokens,
-        num_return_sequences=spec.n, eos_token_id=spec.eos_id, pad_token_id=spec.pad_id, output_scores=True,
-        return_dict_in_generate=True, suppress_tokens=npo_data.vision_token_ids(model.config) or None)
+        num_return_sequences=spec.n, eos_token_id=spec.eos_id, pad_token_id=spec.pad_id,
+        suppress_tokens=npo_data.vision_token_ids(model.config) or None)
+    warp = [] if greedy else [TemperatureLogitsWarper(spec.temperature), TopPLogitsWarper(spec.top_p)]
     out, per_call = [], max(1, spec.batch_size // spec.n)
     for s in range(0, len(prompts), per_call):
-        ids, mask = left_pad(prompts[s:s + per_call], spec.pad_id)                   # [b, P]
+        ids, mask = npo_data.left_pad(prompts[s:s + per_call], spec.pad_id)                   # [b, P]
         ids = ids.to(device)
         vis = npo_data.vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
-        res = model.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=cfg, **vis)
-        new = res.sequences[:, ids.shape[1]:].cpu()                                  # [b*n, R]
-        scores = torch.stack(res.scores, dim=1).float()                             # [b*n, R, V] processed logits
-        logps = token_logprobs(scores, new.to(scores.device)).cpu()                 # [b*n, R]
-        for k in range(new.shape[0]):
-            toks = new[k].tolist()
+        chosen, last = [], []  # one step's [b*n, V] log-probs at a time, never all R of them
+
+        def keep_logprob(input_ids, scores):  # what the sampler draws from; the token drawn is known a step later
+            if last:
+                chosen.append(last.pop().gather(-1, input_ids[:, -1:]))
+            last.append(torch.log_softmax(scores.float(), dim=-1))
+            return scores
+        seqs = model.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=cfg, **vis,
+                              logits_processor=LogitsProcessorList([*warp, keep_logprob]))
+        new = seqs[:, ids.shape[1]:]                                                 # [b*n, R]
+        logps = torch.cat(chosen + [last.pop().gather(-1, new[:, -1:])], dim=1).cpu()  # [b*n, R]
+        for k, toks in enumerate(new.tolist()):
             length = toks.index(spec.eos_id) + 1 if spec.eos_id in toks else len(toks)
             out.append((toks[:length], logps[k, :length].tolist()))
     return out
@@ -763,38 +721,93 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, 
 
 
 # ======== 8. Training step =====================================================================
-# rollout batch -> old log-probs -> minibatch PPO updates
-def forward_logprobs(model, batch, idx, temperature, device, entropy=False):
-    """Log-probs (and entropies) of the response tokens of sequences `idx`: [n, R] each, from the
-    logits at temperature T, as the sampler used them."""
-    P = batch["prompt_len"]
-    ids = batch["input_ids"][idx].to(device)                                         # [n, P+R]
+# rollout batch -> micro-batches of similar length -> old log-probs -> minibatch PPO updates
+def micro_batches(batch, idx, args, device, pad_limit=1.15):
+    """Sequences `idx` of `batch` (None: none) in micro-batches of similar length: sorted by length, each at most
+    --micro_batch_size sequences, --micro_batch_tokens processed tokens (0: no cap; a longer sequence goes alone)
+    and `pad_limit` x its real tokens (rows pad to the longest). Only the order of accumulation changes, never a
+    minibatch's membership. FSDP needs the same forward calls on every rank: the list is filled up with None (a
+    zero-weight pass, filler_pass) to the longest over ranks."""
+    lens = batch["attention_mask"][idx].sum(1).tolist() if batch is not None else []  # prompt + response lengths
+    plan, cur, total = [], [], 0
+    for k in sorted(range(len(lens)), key=lambda k: lens[k]):  # k is the longest so far: rows pad to its length
+        processed = total + lens[k] if args.pack else (len(cur) + 1) * lens[k]
+        if cur and (len(cur) == args.micro_batch_size or 0 < args.micro_batch_tokens < processed
+                    or processed > pad_limit * (total + lens[k])):
+            plan, cur, total = plan + [cur], [], 0
+        cur, total = cur + [k], total + lens[k]
+    plan = [idx[torch.tensor(c)] for c in plan + [cur] if c]
+    return plan + [None] * (int(all_reduce([len(plan)], device, "max")[0]) - len(plan))
+
+LOGIT_CHUNK = 2**26  # fp32 logits of one head_logprobs chunk (256 MB)
+
+def head_logprobs(head, hidden, tokens, temperature, banned=None, entropy=False, chunk=1024):
+    """log p(token) (and the entropy) at each row of hidden [M, H] through the LM head `head` (a function), in
+    fp32 at temperature T, `chunk` rows at a time: a chunk's logits are freed once used and recomputed in the
+    backward (checkpoint), so no [M, V] tensor is ever held. `banned`: token ids masked as the samplers mask them."""
+    def part(h, t):
+        logits = head(h).float() / temperature                                      # [m, V]
+        if banned:  # exp(-1e9) = 0, and the entropy stays finite
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -1e9)
+        return token_logprobs(logits, t), (token_entropy(logits.detach()) if entropy else logits.new_zeros(len(t)))
+    parts = [checkpoint(part, h, t, use_reentrant=False) if torch.is_grad_enabled() else part(h, t)
+             for h, t in zip(hidden.split(chunk), tokens.split(chunk))]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+def forward_logprobs(model, batch, idx, temperature, device, entropy=False, pack=False):
+    """Log-probs (and entropies) of the response tokens of sequences `idx`: [n, R] each (0 past a response's
+    end), from the logits at temperature T, as the sampler used them. Each sequence is laid out from column 0
+    and padded to the longest one here (pack: all back to back in one row, positions restarting, which
+    flash-attn's varlen kernel and transformers' masks read as separate sequences), and the LM head runs on
+    the positions that predict response tokens only (head_logprobs): no [n, R, V] logits exist."""
+    P, am = batch["prompt_len"], batch["attention_mask"][idx]
+    p_len, length = am[:, :P].sum(1, keepdim=True), am.sum(1, keepdim=True)          # [n, 1]
+    col = torch.arange(int(length.max()))
+    real, resp = col < length, (col >= p_len) & (col < length)                        # [n, W]
+    ids = torch.zeros(real.shape, dtype=torch.long).masked_scatter(real, batch["input_ids"][idx][am.bool()])
+    pos, rows = col.expand(real.shape), resp.roll(-1, dims=1)  # rows: predict a response token (column 0: a prompt's)
     vis = npo_data.vision_kwargs([batch["vision"][i] for i in idx.tolist()], ids, model.config.image_token_id, device) \
         if batch.get("vision") else {}
-    pos = None if vis else batch["position_ids"][idx].to(device)  # a VL model computes its M-RoPE positions
-    out = model(input_ids=ids, attention_mask=batch["attention_mask"][idx].to(device), position_ids=pos,
-                use_cache=False, **vis)
-    logits = out.logits[:, P - 1:-1].float() / temperature                           # [n, R, V]
-    banned = npo_data.vision_token_ids(model.config)
-    if banned:  # as the samplers do (exp(-1e9) = 0, and the entropy stays finite)
-        logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), -1e9)
-    return token_logprobs(logits, ids[:, P:]), (token_entropy(logits.detach()) if entropy else None)
+    targets = ids[resp].to(device)                                                    # [M], row-major as `rows`
+    if pack:
+        ids, pos, rows = ids[real][None], pos[real][None], rows[real][None]
+    banned, head = npo_data.vision_token_ids(model.config), model.get_output_embeddings()
+    linear, chunk = head.forward, max(1, LOGIT_CHUNK // head.out_features)
+    # the model calls its head inside its forward (where FSDP has gathered it): log-probs come back as its "logits"
+    head.forward = lambda h: torch.stack(head_logprobs(linear, h[rows.to(device)], targets, temperature, banned,
+                                                       entropy, chunk))
+    try:
+        out = model(input_ids=ids.to(device), attention_mask=None if pack else real.long().to(device),
+                    position_ids=None if vis else pos.to(device),  # a VL model computes its M-RoPE positions
+                    use_cache=False, **vis)
+    finally:
+        del head.forward
+    full = batch["attention_mask"][idx, P:].bool().to(device)                          # [n, R], row-major as resp
+    lp, ent = (torch.zeros(full.shape, device=device).masked_scatter(full, x) for x in out.logits)
+    return lp, (ent if entropy else None)
+
+def filler_pass(model, batch, device, backward=True):
+    """A zero-weight pass over one sequence, run by a rank with fewer micro-batches than the others in place of
+    the missing ones: FSDP's all-gathers (and reduce-scatters, in backward) happen on every rank at once."""
+    logp, _ = forward_logprobs(model, batch, torch.arange(1), 1.0, device)
+    if backward:
+        (logp.sum() * 0).backward()
 
 @torch.no_grad()
-def recompute_logprobs(model, batch, temperature, micro_batch_size, device, entropy=True, dummy=None):
-    """Log-probs (and entropies) of every response in `batch` under the current weights: [N, R] each.
-    With `dummy` (a one-sequence batch), ranks holding different numbers of sequences (batch None:
-    none) still make the same number of forward calls, as FSDP's all-gathers inside forward need."""
-    N, mb, logps, ents = 0 if batch is None else batch["input_ids"].shape[0], micro_batch_size, [], []
-    calls = math.ceil(N / mb) if dummy is None else int(all_reduce([max(1, math.ceil(N / mb))], device, "max")[0])
-    for s in range(0, calls * mb, mb):
-        if s >= N:
-            forward_logprobs(model, dummy, torch.arange(1), temperature, device)
+def recompute_logprobs(model, batch, args, device, entropy=True, dummy=None):
+    """Log-probs (and entropies) of every response in `batch` under the current weights: [N, R] each. `dummy` (one
+    sequence) stands in on a rank with none (batch None), which still makes the other ranks' forward calls."""
+    N, R = (0, 0) if batch is None else batch["resp_mask"].shape
+    logps, ents = torch.zeros(N, R), torch.zeros(N, R)
+    for j in micro_batches(batch, torch.arange(N), args, device):
+        if j is None:
+            filler_pass(model, dummy if batch is None else batch, device, backward=False)
             continue
-        lp, en = forward_logprobs(model, batch, torch.arange(s, min(N, s + mb)), temperature, device, entropy)
-        logps.append(lp.cpu())
-        ents.append(en.cpu() if entropy else None)
-    return (torch.cat(logps) if logps else None), (torch.cat(ents) if entropy and logps else None)
+        lp, en = forward_logprobs(model, batch, j, args.temperature, device, entropy, args.pack)
+        logps[j] = lp.cpu()
+        if entropy:
+            ents[j] = en.cpu()
+    return (logps if N else None), (ents if entropy and N else None)
 
 def optimizer_step(model, optim, sched, grad_clip):
     """Clip the global gradient norm, step, zero the gradients; returns the norm before clipping (a tensor)."""
@@ -817,10 +830,12 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
             m = batch["loss_mask"][idx]  # the minibatch's global token (or sequence) count, / world for FSDP
             count = m.sum() if args.loss_agg == "token-mean" else (m.sum(1) > 0).sum()
             denom = all_reduce([float(count)], device)[0] / world
-            for u in range(0, len(idx), args.micro_batch_size):
-                j = idx[u:u + args.micro_batch_size]
+            for j in micro_batches(batch, idx, args, device):
+                if j is None:
+                    filler_pass(model, batch, device)
+                    continue
                 take = lambda key: batch[key][j].to(device) if batch.get(key) is not None else None  # noqa: E731
-                logp, _ = forward_logprobs(model, batch, j, args.temperature, device)            # [n, R]
+                logp, _ = forward_logprobs(model, batch, j, args.temperature, device, pack=args.pack)  # [n, R]
                 loss, st = policy_loss(logp, take("old_logp"), take("advantages"), take("loss_mask"), args.clip_low,
                                        args.clip_high, args.loss_agg, denom, guide_mask=take("guide_mask"),
                                        guide_logp=take("guide_logp"), guide_ratio=args.guide_ratio,
@@ -930,8 +945,7 @@ def complete_checkpoints(out):
             if not d.endswith(".tmp") and os.path.isfile(os.path.join(root, d, "meta.json"))]
 
 def latest_checkpoint(out):
-    done = complete_checkpoints(out)
-    return done[-1] if done else None
+    return (complete_checkpoints(out) or [None])[-1]
 
 def load_checkpoint(path):
     """This rank's snapshot (weights_only: tensors and plain types, never arbitrary pickles)."""
@@ -1133,12 +1147,12 @@ def score_solutions(trainer, solutions):
     trainer, in the same layout. Returns (solutions rescored, tokens through the forward)."""
     tok, rows = trainer.tokenizer, [r for r in sorted(solutions) for _ in solutions[r]]
     traj = [x for r in sorted(solutions) for x in solutions[r]]
-    batch = make_batch([trainer.train_prompts[r] for r in rows], traj, 1, tok.pad_token_id,
+    batch = npo_data.make_batch([trainer.train_prompts[r] for r in rows], traj, 1, tok.pad_token_id,
                        npo_data.vision_inputs(trainer.processor, [trainer.train_rows[r] for r in rows])) if traj else None
-    dummy = make_batch(trainer.train_prompts[:1], [([tok.eos_token_id], [0.0])], 1, tok.pad_token_id,
+    dummy = npo_data.make_batch(trainer.train_prompts[:1], [([tok.eos_token_id], [0.0])], 1, tok.pad_token_id,
                        npo_data.vision_inputs(trainer.processor, trainer.train_rows[:1]))
     a = trainer.args
-    lp, _ = recompute_logprobs(trainer.model, batch, a.temperature, a.micro_batch_size, trainer.device, False, dummy)
+    lp, _ = recompute_logprobs(trainer.model, batch, a, trainer.device, False, dummy)
     rescored = iter([(ids, lp[k, :len(ids)].tolist()) for k, (ids, _) in enumerate(traj)])  # back to {row: [...]}
     out = {r: [next(rescored) for _ in solutions[r]] for r in sorted(solutions)}
     return out, (int(batch["attention_mask"].sum()) if traj else 0)
@@ -1385,10 +1399,10 @@ def run_sft(trainer):
     log0(f"sft | start | eval greedy {base['eval_greedy']:.3f}")
     t0 = time.time()
     for step in range(start, args.sft_steps):
-        idx = prompts_for_step(step, len(trainer.train_rows), args.sft_batch_size, args.seed, trainer.rank, trainer.world)
-        batch = sft_batch(tok, trainer.train_rows, trainer.train_prompts, idx, trainer.processor)
+        idx = step_rows(trainer, step, args.sft_batch_size)
+        batch = npo_data.sft_batch(tok, trainer.train_rows, trainer.train_prompts, idx, trainer.processor)
         denom = all_reduce([float(batch["resp_mask"].sum())], trainer.device)[0] / trainer.world
-        loss = sft_loss(model, batch, denom, args.micro_batch_size, trainer.device)
+        loss = sft_loss(model, batch, denom, args, trainer.device)
         optimizer_step(model, trainer.optim, trainer.sched, args.grad_clip)
         rec = {"step": step + 1, "sft_loss": all_reduce([loss], trainer.device)[0] / trainer.world,
                **peak_memory(trainer.device)}
@@ -1407,12 +1421,15 @@ def run_sft(trainer):
     finish(trainer, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
                      "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
 
-def sft_loss(model, batch, denom, micro_batch_size, device):
+def sft_loss(model, batch, denom, args, device):
     """Backward of the token-mean negative log-likelihood of a batch's responses, micro-batch by micro-batch
     (the same loss and gradient as one pass: each part is divided by the whole batch's `denom`); returns it."""
     total = 0.0
-    for j in torch.arange(batch["input_ids"].shape[0]).split(micro_batch_size):
-        logp, _ = forward_logprobs(model, batch, j, 1.0, device)                                     # [n, R]
+    for j in micro_batches(batch, torch.arange(batch["input_ids"].shape[0]), args, device):
+        if j is None:
+            filler_pass(model, batch, device)
+            continue
+        logp, _ = forward_logprobs(model, batch, j, 1.0, device, pack=args.pack)                       # [n, R]
         loss = aggregate(-logp, batch["resp_mask"][j].to(device), "token-mean", denom)
         loss.backward()
         total = total + loss.detach()
@@ -1435,7 +1452,7 @@ def rollout(trainer, step, guide=None):
     mixed, rewards, is_guide = samples, on_policy_rewards, torch.zeros(len(samples), dtype=torch.bool)
     if guide:
         mixed, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
-    batch = make_batch(prompts, mixed, G, tok.pad_token_id, vision)
+    batch = npo_data.make_batch(prompts, mixed, G, tok.pad_token_id, vision)
     batch["rewards"], batch["on_policy_rewards"] = rewards, on_policy_rewards
     batch["advantages"] = grpo_advantages(rewards, args.adv_std).flatten()             # [B*G]
     zero = zero_signal_groups(rewards)                                                  # [B]
@@ -1455,14 +1472,12 @@ def rollout(trainer, step, guide=None):
 def train_step(trainer, batch, gen):
     """Old log-probs (and entropy), truncated importance weights, then the PPO epochs."""
     args, t = trainer.args, time.time()
-    old, ent = recompute_logprobs(trainer.model, batch, args.temperature, args.micro_batch_size, trainer.device)
-    batch["old_logp"] = old                                                          # [N, R]
+    batch["old_logp"], ent = recompute_logprobs(trainer.model, batch, args, trainer.device)          # [N, R] each
     on_policy = batch["resp_mask"] * (1 - batch["guide_mask"]) if "guide_mask" in batch else batch["resp_mask"]
-    weight, tis = tis_weights(old, batch["behav_logp"], on_policy, args.tis_cap or math.inf)
+    weight, tis = tis_weights(batch["old_logp"], batch["behav_logp"], on_policy, args.tis_cap or math.inf)
     batch["is_weight"] = weight if args.tis_cap else None  # off: still measured and logged
     if trainer.ref_model is not None:
-        batch["ref_logp"], _ = recompute_logprobs(trainer.ref_model, batch, args.temperature, args.micro_batch_size,
-                                                  trainer.device, entropy=False)
+        batch["ref_logp"], _ = recompute_logprobs(trainer.ref_model, batch, args, trainer.device, entropy=False)
     stats = ppo_update(trainer.model, trainer.optim, trainer.sched, batch, args, trainer.device, gen)
     return {**stats, **tis, "entropy_sum": float((ent * on_policy).sum()),  # of the policy's own samples
             "resp_tokens": float(on_policy.sum()), "train_tokens": float(batch["attention_mask"].sum()),
@@ -1530,21 +1545,6 @@ def step_guide(trainer, state, step):
         return past_solutions(state.replay, step_rows(trainer, step), a.guide_samples)
     return reference_solutions(trainer, step_rows(trainer, step))
 
-def step_line(args, step, rec):
-    ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
-    inj = f" | injected {rec['injected']}" if args.mode != "grpo" else ""
-    return (f"{args.mode} | step {step}/{args.steps} | reward {rec['reward']:.3f} | zero-signal "
-            f"{rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | clip {rec['clipfrac_on']:.3f} | "
-            f"kl {rec['approx_kl']:.4f}{inj} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
-            f"train {rec['train_s']:.2f}s sync {rec['sync_s']:.3f}s{ev}")
-
-def intervention_line(args, rec, new_step):
-    head = rec.get("skipped") or (f"roll back to step {new_step} (Delta {rec['delta']}), guide solved "
-                                  f"{rec['guide_solved_share']:.2f} of the replayed prompts")
-    rows = [f"Delta {r['delta']:>3} {r['source']:>8}: Q {r['Q']:+.3f} ± {r['Q_se']:.3f} (learner solves "
-            f"{r['learner_pass']:.2f} of {r['pool_prompts']})  V {r['V']:.4g}  S {r['S']:+.3g}" for r in rec["table"]]
-    return f"{args.mode} | intervention at step {rec['step']} ({rec['reason']}): {head}" + "".join("\n  " + r for r in rows)
-
 def run_rl(trainer):
     """GRPO, with NPO's manual interventions or AutoNPO's triggers on top. One step: ring snapshot
     (NPO) -> generate episodes (guide samples injected) -> train -> sync the engine -> log ->
@@ -1599,7 +1599,7 @@ def run_rl(trainer):
             rec.update(last_eval, eval_s=time.time() - t, eval_flops=state.eval_flops)
         report.write_metrics(metrics, rec)
         if not args.quiet:
-            log0(step_line(args, step, rec))
+            log0(report.step_line(args.mode, args.steps, step, rec))
         if "eval_greedy" in rec:  # also with --quiet: a person watching a long job sees it live and when it ends
             done, elapsed = state.compute_steps - compute0, time.time() - t0
             log0(f"progress | {args.mode} | step {step}/{args.steps} | eval greedy {rec['eval_greedy']:.3f} | "
@@ -1610,7 +1610,7 @@ def run_rl(trainer):
             new_step, irec = intervene(trainer, state, step, *due)
             irec["wall_s"] = wall0 + time.time() - t0
             report.write_metrics(metrics, irec)
-            log0(intervention_line(args, irec, new_step))
+            log0(report.intervention_line(args.mode, irec, new_step))
             step = new_step
         elif args.save_every and step % args.save_every == 0:
             extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state),

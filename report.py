@@ -57,6 +57,25 @@ def write_metrics(f, rec):
         f.flush()
 
 
+def step_line(mode, steps, step, rec):
+    """The line a training step prints."""
+    ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
+    inj = f" | injected {rec['injected']}" if mode != "grpo" else ""
+    return (f"{mode} | step {step}/{steps} | reward {rec['reward']:.3f} | zero-signal "
+            f"{rec['zero_signal_share']:.2f} | entropy {rec['entropy']:.3f} | clip {rec['clipfrac_on']:.3f} | "
+            f"kl {rec['approx_kl']:.4f}{inj} | gen {rec['generate_s']:.2f}s score {rec['score_s']:.2f}s "
+            f"train {rec['train_s']:.2f}s sync {rec['sync_s']:.3f}s{ev}")
+
+
+def intervention_line(mode, rec, new_step):
+    """An intervention's lines: what it did (or why not) and its Q / V / S table."""
+    head = rec.get("skipped") or (f"roll back to step {new_step} (Delta {rec['delta']}), guide solved "
+                                  f"{rec['guide_solved_share']:.2f} of the replayed prompts")
+    rows = [f"Delta {r['delta']:>3} {r['source']:>8}: Q {r['Q']:+.3f} ± {r['Q_se']:.3f} (learner solves "
+            f"{r['learner_pass']:.2f} of {r['pool_prompts']})  V {r['V']:.4g}  S {r['S']:+.3g}" for r in rec["table"]]
+    return f"{mode} | intervention at step {rec['step']} ({rec['reason']}): {head}" + "".join("\n  " + r for r in rows)
+
+
 def _json_safe(x):
     """NaN / inf (no trajectory to measure V on, say) become null, so the files stay JSON."""
     if isinstance(x, float) and not math.isfinite(x):

@@ -14,8 +14,9 @@
 #                        peak memory, tokens/s and MFU, vLLM's sleep / reload / wake cycles; a line per check
 #                        (runs with the machine's own python when there is no .venv; installs nothing)
 #   bash run.sh setup    only the set-up (what .ci/run does before the tests)
-#   bash run.sh bench    seconds per GRPO step split by phase: HF vs vLLM engine at two sizes, and
-#                        1 process vs torchrun with 2 ranks
+#   bash run.sh bench [tokens]  the trainer's cost against the real tokens: old and new paths (and TRL's
+#                        GRPOTrainer, from requirements-bench.txt) on one long-tailed batch; then (not with
+#                        `tokens`) seconds per GRPO step by phase: HF vs vLLM at two sizes, 1 process vs 2 ranks
 # Flags after the options go to every training run, e.g.  bash run.sh --seeds 0,1 --lr 5e-5
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -213,7 +214,13 @@ PY
 }
 
 bench() {
-  # Seconds per GRPO step split by phase, every configuration run back to back in one call so the
+  # 1. The trainer's cost in proportion to the real tokens (test_npo.token_bench): processed / real tokens,
+  #    seconds per real token and the log-prob pass's peak memory, old and new paths side by side, and TRL.
+  $PY -c "import trl" 2>/dev/null || .venv/bin/pip install -q -r requirements-bench.txt \
+    || echo "bench: requirements-bench.txt did not install; the TRL line is skipped"
+  $PY test_npo.py token_bench runs/bench/tokens
+  [ "${1:-}" = tokens ] && return
+  # 2. Seconds per GRPO step split by phase, every configuration run back to back in one call so the
   # ratios compare the same machine state. Two sizes:
   #   default: the main job's setting (0.8M model, 32 prompts x 8 samples, <= 8 new tokens), HF and
   #            vLLM engines on 1 process, and HF on torchrun with 2 ranks (gloo, FSDP2);
@@ -269,6 +276,6 @@ case "$mode" in
   main) compare "$@" ;;
   gpu) gpu "$@" ;;
   vl) vl "$@" ;;
-  bench) bench ;;
+  bench) bench "$@" ;;
   *) echo "usage: bash run.sh [main|gpu|gpu-check|vl|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
 esac

@@ -35,6 +35,11 @@ SHARED = os.path.join(HERE, "..", "shared", "data")
 PY = sys.executable
 
 
+def mb(temperature=1.0, size=64, tokens=0, pack=False):
+    """The arguments recompute_logprobs / sft_loss / micro_batches read."""
+    return SimpleNamespace(temperature=temperature, micro_batch_size=size, micro_batch_tokens=tokens, pack=pack)
+
+
 def shared(name):
     path = os.path.join(SHARED, name)
     if not os.path.exists(path):
@@ -46,10 +51,11 @@ def shared(name):
 # Advantages, log-probs, aggregation, KL, loss: against float64 loops and closed forms
 # =============================================================================================
 def test_docstring_examples():
-    """The >>> examples in npo.py's docstrings (grpo_advantages, inject_guide, make_batch, ...)."""
+    """The >>> examples in npo.py's and data.py's docstrings (grpo_advantages, inject_guide, make_batch, ...)."""
     import doctest
-    res = doctest.testmod(npo)
-    assert res.attempted >= 8 and res.failed == 0
+    for module, least in ((npo, 4), (npo_data, 5)):
+        res = doctest.testmod(module)
+        assert res.attempted >= least and res.failed == 0, module
 
 
 def test_grpo_advantages_match_loop():
@@ -342,25 +348,193 @@ def test_policy_loss_empty_masks_give_zero_not_nan():
 def test_make_batch_layout():
     prompts = [[5, 6, 7], [8]]
     samples = [([1, 2], [-0.1, -0.2]), ([3], [-0.3]), ([], []), ([4, 4, 4], [-1.0, -1.0, -1.0])]
-    b = npo.make_batch(prompts, samples, 2, pad_id=0)
+    b = npo_data.make_batch(prompts, samples, 2, pad_id=0)
     assert b["prompt_len"] == 3 and b["input_ids"].shape == (4, 6)
     assert b["input_ids"][0].tolist() == [5, 6, 7, 1, 2, 0]
     assert b["input_ids"][2].tolist() == [0, 0, 8, 0, 0, 0]
     assert b["attention_mask"][3].tolist() == [0, 0, 1, 1, 1, 1]
-    assert b["position_ids"][3].tolist()[2:] == [0, 1, 2, 3]
     assert b["resp_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]]
     assert b["behav_logp"][1, 0].item() == pytest.approx(-0.3)
+
+
+def _lengths_batch(prompt_lens, resp_lens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 60, (p,), generator=g).tolist() for p in prompt_lens]
+    samples = [(torch.randint(3, 60, (r,), generator=g).tolist(), [0.0] * r) for r in resp_lens]
+    return npo_data.make_batch(prompts, samples, 1, 0)
+
+
+def test_micro_batches_group_by_length_under_both_caps():
+    """micro_batches: every sequence exactly once; each micro-batch within --micro_batch_size and, as
+    processed (n x its longest sequence; packed: the sum), within --micro_batch_tokens and 1.15 x its real
+    tokens unless it is one sequence; micro-batches in length order. On long-tailed responses (log-normal, median 64, capped at
+    512) after prompts of 20-60 tokens, sorting and trimming bring processed / real tokens from the padded
+    rollout's > 2 to <= 1.15."""
+    npo.setup_distributed()
+    g = torch.Generator().manual_seed(1)
+    resp = (64 * torch.exp(torch.randn(200, generator=g))).clamp(1, 512).long().tolist()
+    prompt = torch.randint(20, 60, (200,), generator=g).tolist()
+    b = _lengths_batch(prompt, resp)
+    real = float(b["attention_mask"].sum())
+    idx = torch.randperm(200, generator=g)[:150]
+    for size, tokens, pack in [(8, 0, False), (64, 2048, False), (64, 2048, True), (1, 0, False)]:
+        plan = npo.micro_batches(b, idx, mb(size=size, tokens=tokens, pack=pack), torch.device("cpu"))
+        assert None not in plan and sorted(torch.cat(plan).tolist()) == sorted(idx.tolist())
+        spans = []
+        for j in plan:
+            lens = [prompt[i] + resp[i] for i in j.tolist()]
+            used = sum(lens) if pack else len(lens) * max(lens)
+            assert len(lens) <= size and (len(lens) == 1 or ((not tokens or used <= tokens) and used <= 1.15 * sum(lens)))
+            spans.append((min(lens), max(lens)))
+        assert all(a[1] <= b_[0] for a, b_ in zip(spans, spans[1:]))  # in length order
+        if size == 8:
+            whole = npo.micro_batches(b, torch.arange(200), mb(size=8), torch.device("cpu"))
+            ratio = sum(len(j) * max(prompt[i] + resp[i] for i in j.tolist()) for j in whole) / real
+            padded = b["input_ids"].numel() / real
+            print(f"processed / real: padded rollout {padded:.2f}, sorted and trimmed by 8 {ratio:.3f}")
+            assert padded > 2 and ratio <= 1.15
+
+
+def reference_logprobs(model, batch, idx, temperature):
+    """The log-prob pass as it was before micro-batches were trimmed: the whole padded width through the
+    model and the LM head at every position (float64 from the logits), [n, R] log-probs and entropies."""
+    P = batch["prompt_len"]
+    am = batch["attention_mask"][idx]
+    out = model(input_ids=batch["input_ids"][idx], attention_mask=am, position_ids=(am.cumsum(1) - 1).clamp(min=0),
+                use_cache=False)
+    logits = out.logits[:, P - 1:-1].double() / temperature
+    return npo.token_logprobs(logits, batch["input_ids"][idx, P:]), npo.token_entropy(logits.detach())
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_trimmed_and_packed_logprobs_equal_the_full_width_reference(world_of_one, pack):
+    """forward_logprobs over mixed lengths (an empty response among them), trimmed or packed, with the LM
+    head on response positions only: log-probs and entropies equal the full-width, full-logits float64
+    reference to fp32 rounding, and 0 past each response's end."""
+    path, args = world_of_one
+    dev = torch.device("cpu")
+    model = npo.load_policy(path, args, dev)
+    b = _lengths_batch([3, 11, 6, 1, 9, 4, 7], [0, 14, 3, 9, 1, 30, 5])
+    with torch.no_grad():
+        ref_lp, ref_ent = reference_logprobs(model, b, torch.arange(7), 0.8)
+        lp, ent = npo.recompute_logprobs(model, b, mb(0.8, 3, pack=pack), dev)
+    m = b["resp_mask"].bool()
+    assert (lp[m] - ref_lp[m]).abs().max() < 1e-5 and (ent[m] - ref_ent[m]).abs().max() < 1e-5
+    assert (lp[~m] == 0).all() and (ent[~m] == 0).all()
+
+
+def ppo_grads(path, out, pack):
+    """ppo_update's gradient over one minibatch (all sequences of every rank) in token-capped micro-batches,
+    against one pass of the full-width reference (reference_logprobs) over the same sequences. Rank 0's
+    responses are long and rank 1's short: the ranks plan different numbers of micro-batches."""
+    rank, world, dev = npo.setup_distributed()
+    N = 10
+    args = npo.parse_args(["--out", out, "--model", path, "--micro_batch_size", "4", "--micro_batch_tokens", "120",
+                           "--grad_clip", "1e9", "--minibatch_size", str(N * world)] + (["--pack"] if pack else []))
+    model = npo.load_policy(path, args, dev)
+    g = torch.Generator().manual_seed(rank)
+    resp = torch.randint(0, 41 if rank == 0 else 7, (N,), generator=g).tolist()
+    b = _lengths_batch(torch.randint(3, 13, (N,), generator=g).tolist(), resp, seed=rank)
+    b["advantages"] = torch.randn(N, generator=g)
+    b["loss_mask"] = b["resp_mask"].clone()
+    b["loss_mask"][1] = 0
+    old, _ = npo.recompute_logprobs(model, b, args, dev, entropy=False)
+    b["old_logp"] = old + 0.2 * torch.randn(old.shape, generator=g) * b["resp_mask"]  # ratios clipped both ways
+    denom = npo.all_reduce([float(b["loss_mask"].sum())], dev)[0] / world
+    lp, _ = reference_logprobs(model, b, torch.arange(N), 1.0)
+    ref_loss, _ = npo.policy_loss(lp.float(), b["old_logp"], b["advantages"], b["loss_mask"], denom=denom)
+    ref_loss.backward()
+    full = lambda: {n: p.grad.full_tensor().clone() for n, p in model.named_parameters() if p.grad is not None}  # noqa: E731
+    ref = full()
+    model.zero_grad(set_to_none=True)
+    grads, calls = [], [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    optim = SimpleNamespace(step=lambda: grads.append(full()), zero_grad=lambda set_to_none: model.zero_grad(set_to_none=True))
+    stats = npo.ppo_update(model, optim, SimpleNamespace(step=lambda: None), b, args, dev, torch.Generator().manual_seed(0))
+    planned = len([j for j in npo.micro_batches(b, torch.arange(N), args, dev) if j is not None])
+    err = max(((grads[0][n] - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-12)).item() for n in ref)
+    return {"loss": float(stats["loss_sum"]), "ref_loss": ref_loss.item(), "grad_rel_err": err, "calls": calls[0],
+            "planned": planned, "steps": int(stats["optimizer_steps"]), "clipped": float(stats["on_clipfrac_sum"])}
+
+
+def ppo_grads_worker(path, out, pack):
+    res = ppo_grads(path, out, pack == "pack")
+    with open(os.path.join(out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
+        json.dump(res, f)
+    torch.distributed.destroy_process_group()
+
+
+def _assert_same_update(res):
+    assert res["steps"] == 1 and res["clipped"] > 0
+    assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-5, abs=1e-7)
+    assert res["grad_rel_err"] < 1e-4, res
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_ppo_update_by_token_capped_micro_batches_equals_one_full_pass(world_of_one, tmp_path, pack):
+    path, _ = world_of_one
+    res = ppo_grads(path, str(tmp_path), pack)
+    print(res)
+    _assert_same_update(res)
+    assert res["calls"] == res["planned"] > 2
+
+
+@SLOW
+def test_ranks_with_different_micro_batch_counts_make_the_same_calls(tiny_model, tmp_path):
+    """Under torchrun (FSDP2 over gloo): rank 0 plans more micro-batches than rank 1, both make the same
+    forward calls (rank 1 fills with zero-weight passes), and the update equals one full pass over both."""
+    run(launcher(2) + [__file__, "ppo_grads_worker", tiny_model, str(tmp_path), "pad"], timeout=300)
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in range(2))
+    print(r0, r1)
+    assert r0["planned"] > r1["planned"] and r0["calls"] == r1["calls"] == r0["planned"]
+    for res in (r0, r1):
+        _assert_same_update(res)
+
+
+def test_logprob_pass_memory_has_no_response_times_vocabulary_term(tmp_path, monkeypatch):
+    """Peak memory of the log-prob pass (no grad, with entropies) and of a training micro-batch (forward,
+    loss, backward), for responses of 64 and of 512 tokens, with the embedded vocabulary and with one padded
+    to 16384. The term that grows with R x V is the difference of the two vocabularies' growths: the
+    full-logits reference holds at least one [n, R, V] fp32 tensor more; forward_logprobs, its head in
+    chunks of 64 rows, less than a quarter of one (peaks do not add: the small vocabulary's is another tensor)."""
+    npo.setup_distributed()
+    dev = torch.device("cpu")
+    monkeypatch.setattr(npo, "LOGIT_CHUNK", 64 * 16384)
+    growth, vocab = {}, {}
+    for big in (False, True):
+        path = npo_data.build_tiny(str(tmp_path / f"v{big}"), **({"vocab_size": 16384} if big else {}))
+        model = npo.load_policy(path, npo.parse_args(["--out", str(tmp_path), "--model", path]), dev)
+        vocab[big] = model.config.vocab_size
+        for R in (64, 512):
+            b = _lengths_batch([8, 8], [R, R])
+
+            def train(fn):
+                lp = fn()
+                npo.policy_loss(lp, lp.detach(), torch.ones(2), b["resp_mask"])[0].backward()
+            with torch.no_grad():
+                new_lp = peak_bytes(lambda: npo.recompute_logprobs(model, b, mb(), dev), dev)
+                old_lp = peak_bytes(lambda: reference_logprobs(model, b, torch.arange(2), 1.0), dev)
+            new_tr = peak_bytes(lambda: train(lambda: npo.forward_logprobs(model, b, torch.arange(2), 1.0, dev)[0]), dev)
+            old_tr = peak_bytes(lambda: train(lambda: reference_logprobs(model, b, torch.arange(2), 1.0)[0].float()), dev)
+            for key, peak in (("new logprobs", new_lp), ("old logprobs", old_lp), ("new train", new_tr), ("old train", old_tr)):
+                growth[(key, big)] = growth.get((key, big), 0) + (peak if R == 512 else -peak)
+    one = 2 * (512 - 64) * (vocab[True] - vocab[False]) * 4  # one fp32 [n, R, V] tensor's share of the growth
+    for key in ("new logprobs", "old logprobs", "new train", "old train"):
+        rv = (growth[(key, True)] - growth[(key, False)]) / one
+        print(f"{key}: growth with R {growth[(key, False)] / 1e6:.1f} MB (V {vocab[False]}), "
+              f"{growth[(key, True)] / 1e6:.1f} MB (V {vocab[True]}): R x V term {rv:.2f} logits tensors")
+        assert abs(rv) < 0.25 if key.startswith("new") else rv > 1, key
 
 
 def test_prompts_for_step_is_a_partition_of_each_epoch():
     n, B = 50, 8
     seen = []
     for step in range(0, 50 // B * 2):
-        parts = [npo.prompts_for_step(step, n, B, 3, r, 2) for r in range(2)]
+        parts = [npo_data.prompts_for_step(step, n, B, 3, r, 2) for r in range(2)]
         assert len(parts[0]) == len(parts[1]) == B // 2
         seen += parts[0] + parts[1]
     assert sorted(seen[:48]) == sorted(set(seen[:48]))  # no repeats inside an epoch
-    assert npo.prompts_for_step(5, n, B, 3, 1, 2) == npo.prompts_for_step(5, n, B, 3, 1, 2)
+    assert npo_data.prompts_for_step(5, n, B, 3, 1, 2) == npo_data.prompts_for_step(5, n, B, 3, 1, 2)
 
 
 # =============================================================================================
@@ -1061,25 +1235,39 @@ def test_engine_logprobs_are_the_sampled_distribution(world_of_one):
     npo.sync_weights(engine, model)
     prompts = npo_data.encode_prompts(tok, npo_data.make_task("mul", n_train=10, n_eval=0)[0], 128, "t")[1]
     samples = npo.generate(engine, prompts, npo.Sampling(3, 0.8, 1.0, 8, tok.eos_token_id, tok.pad_token_id))
-    batch = npo.make_batch(prompts, samples, 3, tok.pad_token_id)
-    lp, _ = npo.recompute_logprobs(model, batch, 0.8, 7, dev)
+    batch = npo_data.make_batch(prompts, samples, 3, tok.pad_token_id)
+    lp, _ = npo.recompute_logprobs(model, batch, mb(0.8, 7), dev)
     m = batch["resp_mask"].bool()
     assert (lp[m] - batch["behav_logp"][m]).abs().max().item() < 1e-5
+    torch.manual_seed(5)
     samples = npo.generate(engine, prompts, npo.Sampling(2, 0.9, 0.6, 6, tok.eos_token_id, tok.pad_token_id))
     errors = nucleus_logprob_errors(model, prompts, samples, 2, 0.9, 0.6, tok.pad_token_id)
     assert len(errors) > 10 and max(errors) < 1e-5
+    # the same draws as generate's own warpers with every score kept (how _generate_hf sampled before)
+    from transformers import GenerationConfig
+    torch.manual_seed(5)
+    ids, mask = npo_data.left_pad(prompts, tok.pad_token_id)
+    cfg = GenerationConfig(do_sample=True, temperature=0.9, top_p=0.6, top_k=0, max_new_tokens=6, num_return_sequences=2,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, output_scores=True,
+                           return_dict_in_generate=True)
+    res = engine["model"].generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    logps = npo.token_logprobs(torch.stack(res.scores, 1).float(), res.sequences[:, ids.shape[1]:])
+    for k, (toks, lps) in enumerate(samples):
+        assert res.sequences[k, ids.shape[1]:ids.shape[1] + len(toks)].tolist() == toks
+        assert torch.allclose(logps[k, :len(toks)], torch.tensor(lps), atol=1e-6)
 
 
 def nucleus_logprob_errors(model, prompts, samples, n, T, top_p, pad_id, vision=None):
     """|engine log-prob - reference| per sampled token, the reference in float64 from the trainer's
     logits: log(p / mass of the nucleus), the nucleus being the smallest top set with mass >= top_p
     (inf for a token outside it)."""
-    batch = npo.make_batch(prompts, samples, n, pad_id, vision)
+    batch = npo_data.make_batch(prompts, samples, n, pad_id, vision)
     P = batch["prompt_len"]
     vis = npo_data.vision_kwargs(batch["vision"], batch["input_ids"], getattr(model.config, "image_token_id", None), "cpu")
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=None if vis else batch["position_ids"], **vis).logits[:, P - 1:-1].double() / T
+                       position_ids=None if vis else (batch["attention_mask"].cumsum(1) - 1).clamp(min=0),
+                       **vis).logits[:, P - 1:-1].double() / T
     logits[..., npo_data.vision_token_ids(model.config)] = -math.inf  # what the samplers exclude
     probs = torch.softmax(logits, -1)
     errors = []
@@ -1177,16 +1365,16 @@ def vllm_worker(path, out):
     gaps, moved = [], []
     for _ in range(3):
         samples = npo.generate(engine, prompts, npo.Sampling(2, 1.0, 1.0, 8, eos, pad), vision)
-        batch = npo.make_batch(prompts, samples, 2, pad, vision)
+        batch = npo_data.make_batch(prompts, samples, 2, pad, vision)
         m = batch["resp_mask"].bool()
-        before, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
+        before, _ = npo.recompute_logprobs(model, batch, mb(), dev, entropy=False)
         gaps.append((before[m] - batch["behav_logp"][m]).abs().max().item())
-        sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))), proc)
+        sft = npo_data.sft_batch(tok, rows, prompts, list(range(len(rows))), proc)
         logp, _ = npo.forward_logprobs(model, sft, torch.arange(len(rows)), 1.0, dev)
         npo.aggregate(-logp, sft["resp_mask"], "token-mean").backward()
         optim.step()
         optim.zero_grad()
-        after, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
+        after, _ = npo.recompute_logprobs(model, batch, mb(), dev, entropy=False)
         moved.append((after[m] - before[m]).abs().max().item())
         npo.sync_weights(engine, model)
     greedy1 = greedy()
@@ -1338,7 +1526,7 @@ def sync_worker(path, out, rollout, dtype):
     engine = npo.make_engine(path, args, dev)
     rows = npo_data.make_task("mul", n_train=16, n_eval=0)[0][rank::world]
     prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
-    sft = npo.sft_batch(tok, rows, prompts, list(range(len(rows))))
+    sft = npo_data.sft_batch(tok, rows, prompts, list(range(len(rows))))
     logp, _ = npo.forward_logprobs(model, sft, torch.arange(len(rows)), 1.0, dev)
     npo.aggregate(-logp, sft["resp_mask"], "token-mean").backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()
@@ -1348,8 +1536,8 @@ def sync_worker(path, out, rollout, dtype):
     hooks = [m.register_forward_pre_hook(lambda mod, _, name=name: computed.__setitem__(name + ".weight", mod.weight.detach().clone()))
              for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
     samples = npo.generate(engine, prompts, npo.Sampling(4, 1.0, 1.0, 8, tok.eos_token_id, tok.pad_token_id))
-    batch = npo.make_batch(prompts, samples, 4, tok.pad_token_id)
-    lp, _ = npo.recompute_logprobs(model, batch, 1.0, 64, dev, entropy=False)
+    batch = npo_data.make_batch(prompts, samples, 4, tok.pad_token_id)
+    lp, _ = npo.recompute_logprobs(model, batch, mb(), dev, entropy=False)
     for h in hooks:
         h.remove()
     m = batch["resp_mask"].bool()
@@ -1407,12 +1595,12 @@ def test_sft_micro_batches_give_the_one_pass_loss_and_gradient(world_of_one, tmp
     tok = npo.load_tokenizer(path)
     rows = npo_data.make_task("mulsteps", "2x1", n_train=8, n_eval=0)[0]
     prompts = npo_data.encode_prompts(tok, rows, 128, "t")[1]
-    batch = npo.sft_batch(tok, rows, prompts, list(range(8)))
+    batch = npo_data.sft_batch(tok, rows, prompts, list(range(8)))
     denom = float(batch["resp_mask"].sum())
     grads = []
-    for mb in (8, 3):
+    for size in (8, 3):
         model.zero_grad(set_to_none=True)
-        loss = npo.sft_loss(model, batch, denom, mb, dev)
+        loss = npo.sft_loss(model, batch, denom, mb(size=size), dev)
         grads.append((loss, {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}))
     (one, g1), (parts, g3) = grads
     assert parts == pytest.approx(one, rel=1e-6) and one > 0
@@ -1866,7 +2054,7 @@ def empty_rank_worker(out, data):
     ring = []
     for step in range(3):
         npo.ring_push(ring, npo.take_snapshot(trainer.model, trainer.optim, trainer.sched, step), 6, args.ring_dir, step)
-    mine = [i for step in range(2) for i in npo.prompts_for_step(step, len(trainer.train_rows), 4, 0, rank, world)]
+    mine = [i for step in range(2) for i in npo_data.prompts_for_step(step, len(trainer.train_rows), 4, 0, rank, world)]
     success = [(0, mine[0], [5, 6], [-0.1, -0.2])]
     cases = {"pool_on_rank0": ([(s, i) for s in range(2) for i in mine] if rank == 0 else [], success if rank == 0 else []),
              "pool_on_no_rank": ([], [])}
@@ -2165,7 +2353,7 @@ def grad_ckpt_probe(path, out, grad_ckpt, batch, length, device):
     vocab = model.config.get_text_config().vocab_size
     prompts = [torch.randint(3, vocab, (8,), generator=g).tolist() for _ in range(batch)]
     samples = [(torch.randint(3, vocab, (length,), generator=g).tolist(), [0.0] * length) for _ in range(batch)]
-    b = npo.make_batch(prompts, samples, 1, 0)
+    b = npo_data.make_batch(prompts, samples, 1, 0)
 
     def step():
         logp, _ = npo.forward_logprobs(model, b, torch.arange(batch), 1.0, device)
@@ -2248,7 +2436,18 @@ def gpu_check(out="runs/gpu_check", small=""):
     say("grad_ckpt", f"{size[0]} x {size[1]} tokens: forwards per layer {plain[0]:g} -> {ckpt[0]:g}, peak "
         f"{plain[1] / 1e9:.2f} -> {ckpt[1] / 1e9:.2f} GB ({ckpt[1] / plain[1]:.2f}x)",
         plain[0] == 1 and ckpt[0] == 2 and ckpt[1] < 0.7 * plain[1])
-    # 5. vLLM: sleep (level 2) -> wake(weights) -> reload -> wake(kv_cache), three times
+    # 5. the log-prob pass: trimmed and packed micro-batches against the full-width, full-logits reference
+    args = npo.parse_args(["--model", base, "--out", out])
+    model = npo.load_policy(base, args, dev)
+    b = long_tailed_batch(4, 4, model.config.vocab_size, cap=128 if small else 1024)
+    m, tol = b["resp_mask"].bool(), 1e-4 if args.dtype == "fp32" else 0.1
+    with torch.no_grad():
+        ref = reference_forward_logprobs(model, b, torch.arange(m.shape[0]), 1.0, dev)[0].cpu()
+        gap = {pack: (npo.recompute_logprobs(model, b, mb(tokens=4096, pack=pack), dev, entropy=False)[0] - ref)[m].abs().max()
+               for pack in (False, True)}
+    say("logprobs", f"{args.attn}, {args.dtype}, {int(m.sum())} response tokens: |trimmed - full logits| {gap[False]:.1e}, "
+        f"|packed - full logits| {gap[True]:.1e} (max)", max(gap.values()) < tol)
+    # 6. vLLM: sleep (level 2) -> wake(weights) -> reload -> wake(kv_cache), three times
     if not has_vllm:
         say("vllm", "vllm is not installed here", "skipped")
     else:
@@ -2291,18 +2490,151 @@ def vllm_cycles(path, out, dev, say):
     npo.close_engine(engine)
 
 
+# ---- bash run.sh bench: the trainer's cost in proportion to the real tokens (not a test) ---------------------
+def long_tailed_batch(n_prompts, group, vocab, seed=0, median=64, cap=512):
+    """A rollout batch of random tokens: prompts of 20-60 tokens, G responses each whose lengths are
+    log-normal (median `median`, sigma 1, capped at `cap`), with advantages and a loss mask."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(20, 61, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n_prompts)]
+    lens = (median * torch.exp(torch.randn(n_prompts * group, generator=g))).clamp(1, cap).long().tolist()
+    samples = [(torch.randint(3, vocab, (n,), generator=g).tolist(), [-1.0] * n) for n in lens]
+    b = npo_data.make_batch(prompts, samples, group, 0)
+    b["advantages"], b["loss_mask"] = torch.randn(len(samples), generator=g), b["resp_mask"]
+    return b
+
+
+def reference_forward_logprobs(model, batch, idx, temperature, device, entropy=False, pack=False):
+    """The trainer's log-prob pass before issue 20, for the benchmark's old path: the rollout's whole padded
+    width through the model, the LM head at every position, fp32 logits [n, P + R, V], then log-softmax."""
+    P = batch["prompt_len"]
+    am = batch["attention_mask"][idx].to(device)
+    out = model(input_ids=batch["input_ids"][idx].to(device), attention_mask=am,
+                position_ids=(am.cumsum(1) - 1).clamp(min=0), use_cache=False)
+    logits = out.logits[:, P - 1:-1].float() / temperature
+    lp = npo.token_logprobs(logits, batch["input_ids"][idx, P:].to(device))
+    return lp, (npo.token_entropy(logits.detach()) if entropy else None)
+
+
+def token_bench(out="runs/bench/tokens", n_prompts="16", group="4"):
+    """Old and new trainer paths side by side on one long-tailed rollout batch (a ~9M embedded model, its
+    vocabulary padded to 32768): tokens the model processes / real tokens, the train phase's seconds (old
+    log-probs with entropies, then one PPO epoch of 2 minibatches) per real token, and the peak memory of the
+    log-prob pass. Old: 8 sequences a micro-batch over the full padded width, full logits. New: sorted,
+    trimmed micro-batches of <= 4096 tokens, the head on response positions only; and the same packed."""
+    npo.setup_distributed()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    path = os.path.join(out, "tiny10m_v32k")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        npo_data.build_tiny(path, vocab_size=32768)
+    base = ["--model", path, "--out", out, "--grad_clip", "1e9"]
+    model = npo.load_policy(path, npo.parse_args(base), dev)
+    params = sum(p.numel() for p in model.parameters())
+    batch = long_tailed_batch(int(n_prompts), int(group), 32768)
+    real = int(batch["attention_mask"].sum())
+    resp = batch["resp_mask"].sum(1)
+    print(f"bench | tokens | {params / 1e6:.1f}M parameters, vocabulary 32768, {len(resp)} responses: length median "
+          f"{int(resp.median())}, max {int(resp.max())}; prompts {batch['prompt_len']} at most; real tokens {real} | {dev}")
+    paths = {"old": ["--micro_batch_size", "8"],
+             "new": ["--micro_batch_size", "64", "--micro_batch_tokens", "4096"],
+             "new --pack": ["--micro_batch_size", "64", "--micro_batch_tokens", "4096", "--pack"]}
+    seen = [0]
+
+    def count(_, args, kwargs):
+        seen[0] += kwargs["input_ids"].numel()
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    res, state = {}, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    real_forward, real_plan = npo.forward_logprobs, npo.micro_batches
+    for name, flags in paths.items():
+        args = npo.parse_args(base + flags + ["--minibatch_size", str(len(resp) // 2)])
+        if name == "old":  # the count-based micro-batches in rollout order, each at the full padded width
+            npo.forward_logprobs = reference_forward_logprobs
+            npo.micro_batches = lambda b, idx, a, d: list(idx.split(a.micro_batch_size))
+        try:
+            model.load_state_dict(state)
+            optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: 1.0)
+            peak = peak_bytes(lambda: npo.recompute_logprobs(model, batch, args, dev), dev)
+            seen[0], t = 0, time.perf_counter()
+            old, _ = npo.recompute_logprobs(model, batch, args, dev)
+            t_lp, lp_tokens = time.perf_counter() - t, seen[0]
+            batch["old_logp"] = old
+            npo.ppo_update(model, optim, sched, batch, args, dev, torch.Generator().manual_seed(0))
+            res[name] = {"processed": seen[0] / 2 / real, "logprob_s": t_lp, "train_s": time.perf_counter() - t,
+                         "peak_mb": peak / 1e6, "logprob_processed": lp_tokens / real}
+        finally:
+            npo.forward_logprobs, npo.micro_batches = real_forward, real_plan
+        r = res[name]
+        print(f"bench | tokens | {name:10} | processed / real {r['processed']:.3f} | log-prob pass {r['logprob_s']:.2f}s, "
+              f"peak {r['peak_mb']:.0f} MB | train phase {r['train_s']:.2f}s = {r['train_s'] / real * 1e6:.0f} us per real token")
+    trl_res = trl_bench(path, batch, out)
+    if isinstance(trl_res, str):
+        print(f"bench | tokens | TRL GRPOTrainer: skipped: {trl_res}")
+    else:
+        res["trl"] = {"train_s": trl_res[0], "logprob_s": trl_res[1], "version": trl_res[2]}
+        print(f"bench | tokens | TRL {trl_res[2]} GRPOTrainer, same batch (unsharded model, bnpo loss) | log-prob pass "
+              f"{trl_res[1]:.2f}s | train phase {trl_res[0]:.2f}s = {trl_res[0] / real * 1e6:.0f} us per real token")
+    o = res["old"]
+    for name in ("new", "new --pack"):
+        r = res[name]
+        print(f"bench | tokens | {name} / old: processed {r['processed'] / o['processed']:.3f}x, seconds per real token "
+              f"{r['train_s'] / o['train_s']:.3f}x, log-prob pass peak memory {r['peak_mb'] / o['peak_mb']:.3f}x"
+              + (f"; train phase / TRL's {r['train_s'] / res['trl']['train_s']:.3f}x" if "trl" in res else ""))
+    with open(os.path.join(out, "tokens.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    torch.distributed.destroy_process_group()
+    return res
+
+
+def trl_bench(path, batch, out, minibatches=2):
+    """The benchmark's batch through TRL's GRPOTrainer (if TRL imports): its log-prob pass with entropies
+    (_get_per_token_logps_and_entropies, 8 sequences a call: its chunked, fused LM head) and its loss,
+    backward and AdamW step on each minibatch (_compute_loss, bnpo: the token mean), on the unsharded model.
+    Returns (train phase seconds, log-prob pass seconds) or the reason it did not run."""
+    try:
+        import trl
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except Exception as e:  # noqa: BLE001  (an incompatible install raises more than ImportError)
+        return f"TRL does not import here ({type(e).__name__}: {e})"
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    N, P = batch["input_ids"].shape[0], batch["prompt_len"]
+    cfg = GRPOConfig(output_dir=os.path.join(out, "trl"), per_device_train_batch_size=N // minibatches,
+                     num_generations=4, max_completion_length=batch["resp_mask"].shape[1], loss_type="bnpo",
+                     use_cpu=not torch.cuda.is_available(), report_to=[], bf16=False, beta=0.0, learning_rate=1e-5)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=cfg,
+                          train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}), processing_class=npo.load_tokenizer(path))
+    dev = trainer.accelerator.device
+    ids, am = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    t = time.perf_counter()
+    with torch.no_grad():
+        old, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, am, ids.shape[1] - P, batch_size=8,
+                                                               compute_entropy=True)
+    t_lp = time.perf_counter() - t
+    for j in torch.randperm(N, generator=torch.Generator().manual_seed(0)).split(N // minibatches):
+        inputs = {"prompt_ids": ids[j, :P], "prompt_mask": am[j, :P], "completion_ids": ids[j, P:],
+                  "completion_mask": am[j, P:], "advantages": batch["advantages"][j].to(dev), "old_per_token_logps": old[j]}
+        trainer._compute_loss(model, inputs).backward()
+        optim.step()
+        optim.zero_grad()
+    return time.perf_counter() - t, t_lp, trl.__version__
+
+
 @SLOW
 def test_gpu_check_runs_on_a_cpu(tmp_path):
     """run.sh gpu-check with the embedded model on a CPU: every check runs (or says why not) and passes."""
     p = run([PY, __file__, "gpu_check", str(tmp_path), "small"], timeout=900)
     lines = [line for line in p.stdout.splitlines() if line.startswith("gpu-check |")]
     print("\n".join(lines))
-    assert [line.split(" | ")[1] for line in lines] == ["cuda", "sft", "rl-bf16-hf", "throughput", "grad_ckpt", "vllm",
-                                                         "done"]
+    assert [line.split(" | ")[1] for line in lines] == ["cuda", "sft", "rl-bf16-hf", "throughput", "grad_ckpt", "logprobs",
+                                                         "vllm", "done"]
     assert all(line.endswith(("| ok", ")")) or "skipped" in line for line in lines[:-1]) and "| 0 failed" in lines[-1]
 
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
      "sync_worker": sync_worker, "gpu_check": gpu_check,
-     "banned_worker": banned_worker, "distinct_worker": distinct_worker}[sys.argv[1]](*sys.argv[2:])
+     "banned_worker": banned_worker, "distinct_worker": distinct_worker, "ppo_grads_worker": ppo_grads_worker,
+     "token_bench": token_bench}[sys.argv[1]](*sys.argv[2:])
