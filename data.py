@@ -448,14 +448,16 @@ def expand_image_tokens(processor, text, sizes):
     return parts[0] + "".join(tag * n + part for n, part in zip(counts, parts[1:]))
 
 
-def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False):
-    """(rows, their chat prompts as token ids): assistant header included, a VL model's image
-    placeholders expanded to the image's number of tokens. A prompt over the limit is an error
+def encode_prompts(tokenizer, rows, max_prompt_tokens, where, processor=None, drop_overlong=False, template_kwargs=None):
+    """(rows, their chat prompts as token ids): assistant header included (`template_kwargs`: passed to the
+    chat template, e.g. {"enable_thinking": false}), a VL model's image placeholders expanded to the image's
+    number of tokens. A prompt over the limit is an error
     naming the row, before training (truncating would change the task or cut through image
     tokens); with `drop_overlong` the row is left out, and a dataset with nothing left is refused."""
     kept = []
     for i, row in enumerate(rows):
-        text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+        text = (processor or tokenizer).apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True,
+                                                            **(template_kwargs or {}))
         if row.get("images") and processor is None:
             raise DataError(f"{where} row {i + 1}: has images, but the model is text-only")
         if processor is not None and row.get("images"):
@@ -521,7 +523,8 @@ CHAT_TEMPLATE = (  # Qwen-style ChatML; content is text, or a list of text and i
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
     "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}")  # enable_thinking: as Qwen3's template reads it
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -532,7 +535,7 @@ def char_tokenizer(extra_specials=()):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # "." would leave "\n\n" whole
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(specials)
     tok.add_tokens(["user", "assistant", "system"])

@@ -89,6 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--max_prompt_tokens", type=int, default=None, help="a longer prompt stops the run before training; "
                    "default 128 embedded, 4096 otherwise")
     g.add_argument("--filter_overlong_prompts", action="store_true", help="drop rows over --max_prompt_tokens instead")
+    g.add_argument("--chat_template_kwargs", type=json.loads, default={}, help="JSON object passed to the chat template, "
+                   "e.g. '{\"enable_thinking\": false}' (Qwen3); the verifier reads the answer after </think>")
 
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts_per_step", type=int, default=None, help="prompts per step (all ranks); 32 embedded, 256")
@@ -158,6 +160,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no_save_model", action="store_true", help="skip the final save_pretrained")
     g.add_argument("--quiet", action="store_true", help="no per-step lines")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="every record to "
+                   "TensorBoard (<out>/tensorboard) or W&B (project $WANDB_PROJECT; WANDB_MODE=offline), x = compute_steps")
     g.add_argument("--sft_steps", type=int, default=600, help="SFT optimizer steps")
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step, all ranks")
     return resolve_defaults(p.parse_args(argv), p)
@@ -220,6 +224,8 @@ def resolve_defaults(args, p):
                 "--mode npo and no --bootstrap_delta / --breakthrough_at")
     if args.mode == "npo" and args.guide_source == "future" and not (args.bootstrap_delta or args.breakthrough_at):
         p.error("--mode npo needs --bootstrap_delta and/or --breakthrough_at with --breakthrough_delta")
+    if not isinstance(args.chat_template_kwargs, dict):
+        p.error(f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}'")
     if args.pack and is_vision_language(args.model):
         p.error("--pack is for text models (a VL model computes its M-RoPE positions per padded row)")
     if args.breakthrough_at and not 0 < args.breakthrough_delta <= args.breakthrough_at:
@@ -1340,7 +1346,7 @@ def setup(args):
         encoded = []
         for rows, where in ((train_rows, args.data), (eval_rows, args.eval_data or f"{args.data} (eval split)")):
             encoded.append(npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
-                                                   args.filter_overlong_prompts))
+                                                   args.filter_overlong_prompts, args.chat_template_kwargs))
             if len(encoded[-1][0]) < len(rows):
                 log0(f"data: dropped {len(rows) - len(encoded[-1][0])} of {len(rows)} rows of {where} whose prompt "
                      "is over --max_prompt_tokens (--filter_overlong_prompts)")
@@ -1377,8 +1383,9 @@ def resume_if_asked(trainer, gen=None):
     log0(f"resume: continuing from {ckpt} (step {step})")
     return step
 
-def finish(trainer, summary):
-    """Save the final model and summary.json; no rank leaves while another still talks to it."""
+def finish(trainer, summary, metrics):
+    """Save the final model and summary.json, close the metrics; no rank leaves while another still talks to it."""
+    report.close_metrics(metrics)
     if not trainer.args.no_save_model:
         save_hf_model(trainer.model, trainer.processor or trainer.tokenizer, os.path.join(trainer.args.out, "model"))
     if trainer.rank == 0:
@@ -1392,7 +1399,8 @@ def run_sft(trainer):
     real instruct model does, for RL to start from."""
     args, model, tok = trainer.args, trainer.model, trainer.tokenizer
     start = resume_if_asked(trainer)
-    metrics = report.open_metrics(args.out, start if trainer.resumed is not None else None) if trainer.rank == 0 else None
+    at = start if trainer.resumed is not None else None
+    metrics = report.open_metrics(args.out, at, args.report_to, vars(args)) if trainer.rank == 0 else None
     sync_weights(trainer.engine, model)
     base = evaluate(trainer)
     sleep_engine(trainer.engine)
@@ -1419,7 +1427,7 @@ def run_sft(trainer):
     sync_weights(trainer.engine, model)
     final = evaluate(trainer)
     finish(trainer, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
-                     "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)})
+                     "eval_greedy_end": final["eval_greedy"], "seconds": round(time.time() - t0, 1)}, metrics)
 
 def sft_loss(model, batch, denom, args, device):
     """Backward of the token-mean negative log-likelihood of a batch's responses, micro-batch by micro-batch
@@ -1555,7 +1563,8 @@ def run_rl(trainer):
     resumed = trainer.resumed is not None
     state = NPOState(**trainer.resumed["npo"]) if resumed else NPOState()
     state.ring = [e for e in state.ring if os.path.exists(ring_file(args.ring_dir, e["name"]))]  # after --keep_ring off
-    metrics = report.open_metrics(args.out, state.compute_steps if resumed else None) if trainer.rank == 0 else None
+    at = state.compute_steps if resumed else None
+    metrics = report.open_metrics(args.out, at, args.report_to, vars(args)) if trainer.rank == 0 else None
     sync_weights(trainer.engine, trainer.model)
     if resumed:  # evaluating again would draw from the restored RNG and change the next steps
         base = trainer.resumed["base_eval"]
@@ -1625,7 +1634,7 @@ def run_rl(trainer):
                      "interventions": state.interventions, "generated_tokens": state.generated_tokens,
                      "eval_greedy_start": base["eval_greedy"], "eval_greedy_end": last_eval["eval_greedy"],
                      f"eval_mean@{k}_start": base[f"eval_mean@{k}"], f"eval_mean@{k}_end": last_eval[f"eval_mean@{k}"],
-                     "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)})
+                     "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}, metrics)
 
 def main(argv=None):
     args = parse_args(argv)

@@ -32,9 +32,14 @@ ORDER = ["grpo", "npo", "autonpo", "past", "external"]
 
 
 # ---- metrics.jsonl: one JSON record a line, written by npo.py through these, read back below -----------
-def open_metrics(out, resume_at):
-    """metrics.jsonl for appending (rank 0 only). On resume it is first cut back to the records up to
-    `resume_at` compute steps, through tmp + rename; a line cut short by a kill is dropped."""
+# With --report_to, every record also goes to TensorBoard or Weights & Biases (imported only then), its x-axis
+# compute_steps (training steps run, replayed ones included: it never goes back at a rollback; the branch's step
+# is the scalar "step"), and each intervention's Q / V / S table as a table and S(Delta) as a chart.
+def open_metrics(out, resume_at, report_to="none", config=None):
+    """The run's metrics sink (rank 0 only): metrics.jsonl for appending, and a tracker. On resume the file is
+    first cut back to the records up to `resume_at` compute steps, through tmp + rename (a line cut short by a
+    kill is dropped), TensorBoard purges the events after it, and W&B continues the run whose id is kept in
+    <out>/wandb_run_id (a run that does not resume starts a new one)."""
     path = os.path.join(out, "metrics.jsonl")
     keep = []
     if resume_at is not None and os.path.exists(path):
@@ -48,13 +53,67 @@ def open_metrics(out, resume_at):
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
-    return open(path, "a")
+    sink = {"file": open(path, "a"), "tensorboard": None, "wandb": None}
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        sink["tensorboard"] = SummaryWriter(os.path.join(out, "tensorboard"),
+                                            purge_step=None if resume_at is None else resume_at + 1)
+    elif report_to == "wandb":
+        import wandb
+        id_file = os.path.join(out, "wandb_run_id")
+        run_id = open(id_file).read().strip() if resume_at is not None and os.path.exists(id_file) else None
+        run_id = run_id or os.urandom(6).hex()
+        with open(id_file + ".tmp", "w") as f:
+            f.write(run_id)
+        os.replace(id_file + ".tmp", id_file)
+        sink["wandb"] = wandb.init(project=os.environ.get("WANDB_PROJECT", "npo"), id=run_id, resume="allow",
+                                   dir=out, config=config)
+        sink["wandb"].define_metric("*", step_metric="compute_steps")
+    return sink
 
 
-def write_metrics(f, rec):
-    if f is not None:
-        f.write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
-        f.flush()
+def write_metrics(sink, rec):
+    """One record to metrics.jsonl and the tracker (a None sink: not rank 0, nothing)."""
+    if sink is None:
+        return
+    sink["file"].write(json.dumps(_json_safe(rec), allow_nan=False) + "\n")
+    sink["file"].flush()
+    x = rec.get("compute_steps", rec.get("step", 0))
+    prefix = "intervention/" if rec.get("event") == "intervention" else ""
+    scalars = {prefix + k: float(v) for k, v in rec.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    table = rec.get("table") or []
+    cols = ["source", "delta", "snapshot", "Q", "Q_se", "V", "log_V", "S", "learner_pass", "pool_prompts"]
+    rows = [[r.get(c) for c in cols] for r in table]
+    tb, run = sink["tensorboard"], sink["wandb"]
+    if tb is not None:
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, x)
+        if table:
+            tb.add_text("intervention/table", " | ".join(cols) + "\n" + "|".join(["---"] * len(cols)) + "\n" + "\n".join(
+                " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) for row in rows), x)
+            for r in table:  # one chart per intervention, its x-axis Delta
+                if r["source"] == "future":
+                    tb.add_scalar(f"intervention_at_{x}/S_by_delta", r["S"], r["delta"])
+        tb.flush()
+    if run is not None:
+        import wandb
+        logged = {**scalars, "compute_steps": x}
+        if table:
+            logged["intervention/table"] = wandb.Table(columns=cols, data=rows)
+            future = wandb.Table(columns=["delta", "S"], data=[[r["delta"], r["S"]] for r in table if r["source"] == "future"])
+            logged["intervention/S_by_delta"] = wandb.plot.line(future, "delta", "S", title=f"S(Delta) at compute step {x}")
+        run.log(logged)
+
+
+def close_metrics(sink):
+    """Flush and close the sink at the end of a run (W&B: finish the run)."""
+    if sink is not None:
+        sink["file"].close()
+        if sink["tensorboard"] is not None:
+            sink["tensorboard"].close()
+        if sink["wandb"] is not None:
+            sink["wandb"].finish()
 
 
 def step_line(mode, steps, step, rec):

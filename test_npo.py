@@ -993,6 +993,45 @@ def test_verifier_table_against_plain_math_verify():
     assert len(VERIFIER_TABLE) >= 60 and sum(c[1] for c in counts.values()) == len(VERIFIER_TABLE)
 
 
+
+THINKING = [  # (response, ground truth, reward): Qwen3's <think> ... </think>, then the answer
+    ("<think>3 x 4 = 12, so \\boxed{12}</think>\nThe answer is \\boxed{12}", "12", 1.0),
+    ("<think>first guess \\boxed{12}</think>\nThe answer is \\boxed{13}", "12", 0.0),  # the reasoning's box is no answer
+    ("<think>3 x 4 = 12, so \\boxed{12}", "12", 0.0),                                    # cut off inside the reasoning
+    ("<think>\\boxed{12}</think>", "12", 0.0),                                         # nothing after it
+    ("<think>\n\n</think>\n\n12", "12", 1.0),                                         # thinking off: an empty block
+    ("so it is 12.</think>\n#### 12", "12", 1.0),                                     # the template opened <think>
+    ("<think>a</think> 13 <think>b</think> \\boxed{12}", "12", 1.0),                  # the last block closes it
+    ("<think>it is 12</think> I cannot say", "12", 0.0),
+    ("The answer is 12", "12", 1.0),                                                 # no tags: all of it
+]
+
+
+@pytest.mark.parametrize("response,gold,expected", THINKING)
+def test_verifier_reads_the_answer_after_the_reasoning(response, gold, expected):
+    assert verifier.score(response, gold) == expected
+    assert verifier.reward(response, {"answer": gold, "task": "math"}) == expected
+    row = {"task": "countdown", "numbers": [3, 4, 2], "target": 14}
+    assert verifier.reward(response.replace("12", "(3+4)*2"), row) == expected
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_model):
+    """--chat_template_kwargs is a JSON object handed to apply_chat_template: the embedded template, like
+    Qwen3's, closes an empty reasoning block in the prompt when enable_thinking is false (and the embedded
+    character tokenizer keeps blank lines: "\n\n" is two tokens, not one unknown)."""
+    tok = npo.load_tokenizer(tiny_model)
+    assert tok.decode(tok("a\n\nb", add_special_tokens=False)["input_ids"]) == "a\n\nb"
+    rows = npo_data.make_task("mul", n_train=2, n_eval=0)[0]
+    args = npo.parse_args(["--model", tiny_model, "--chat_template_kwargs", '{"enable_thinking": false}'])
+    plain = [tok.decode(p) for p in npo_data.encode_prompts(tok, rows, 128, "t")[1]]
+    off = [tok.decode(p) for p in npo_data.encode_prompts(tok, rows, 128, "t", template_kwargs=args.chat_template_kwargs)[1]]
+    assert args.chat_template_kwargs == {"enable_thinking": False}
+    assert all(p.endswith("<|im_start|>assistant\n") for p in plain)
+    assert [o == p + "<think>\n\n</think>\n\n" for o, p in zip(off, plain)] == [True, True]
+    for bad in ("[1]", "{bad"):
+        with pytest.raises(SystemExit):
+            npo.parse_args(["--model", tiny_model, "--chat_template_kwargs", bad])
+
 def test_countdown_checks_expressions_without_eval():
     assert verifier.score_countdown("(3+5)*7-2", [2, 3, 5, 7], 54) == 1.0
     assert verifier.score_countdown("<answer>7*(3+5)-2</answer>", [2, 3, 5, 7], 54) == 1.0
@@ -1995,8 +2034,19 @@ AUTONPO = ["--mode", "autonpo", "--ring_every", "2", "--trigger_window", "4", "-
 
 @SLOW
 def test_autonpo_single_process(sft_model, tmp_path):
-    m = train([*GRPO, *AUTONPO, "--model", sft_model, "--steps", "6"], tmp_path)
+    """Also --report_to tensorboard: the event files read back hold every step's scalars at x = compute_steps,
+    the intervention's table as text and S(Delta) as a chart whose x-axis is Delta."""
+    m = train([*GRPO, *AUTONPO, "--model", sft_model, "--steps", "6", "--report_to", "tensorboard"], tmp_path)
     ev = events(m)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("reward")}
+    assert logged == pytest.approx({r["compute_steps"]: r["reward"] for r in steps_of(m)}, abs=1e-6) and len(logged) == 6
+    assert {e.step for e in acc.Scalars("eval_greedy")} == {0, 6}
+    chart = {e.step: e.value for e in acc.Scalars(f"intervention_at_{ev[0]['compute_steps']}/S_by_delta")}
+    assert chart == pytest.approx({r["delta"]: r["S"] for r in ev[0]["table"] if r["source"] == "future"}, abs=1e-6)
+    assert "intervention/table/text_summary" in acc.Tags()["tensors"]
     assert len(ev) == 1 and ev[0]["reason"] == "sparse_reward" and ev[0]["step"] == 4
     table = [r for r in ev[0]["table"] if r["source"] == "future"]
     assert sorted(r["delta"] for r in table) == [2, 4]  # every ring snapshot older than t = 4
@@ -2010,6 +2060,24 @@ def test_autonpo_single_process(sft_model, tmp_path):
             assert r["Q"] == pytest.approx(1.0 - r["learner_pass"] if r["pool_prompts"] else 0.0)
         assert r["V"] is None or r["V"] >= 1 - 1e-12
 
+
+
+@SLOW
+def test_wandb_offline_run_is_continued_on_resume(sft_model, tmp_path):
+    """--report_to wandb (offline): the run writes a W&B run directory; a resumed run reuses its id (kept in
+    <out>/wandb_run_id), where verl's tracker starts a new run on every resume; a new run gets a new id."""
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    flags = ["npo.py", *GRPO, "--model", sft_model, "--report_to", "wandb", "--save_every", "2"]
+    run([PY, *flags, "--steps", "2", "--out", str(tmp_path / "a")], env=env)
+    first = open(tmp_path / "a" / "wandb_run_id").read()
+    run([PY, *flags, "--steps", "4", "--resume", "--out", str(tmp_path / "a")], env=env)
+    run([PY, *flags, "--steps", "2", "--out", str(tmp_path / "b")], env=env)
+    dirs = sorted(os.listdir(tmp_path / "a" / "wandb"))
+    runs = [d for d in dirs if d.startswith("offline-run-")]
+    assert len(runs) == 2 and all(d.endswith("-" + first) for d in runs), dirs
+    assert open(tmp_path / "a" / "wandb_run_id").read() == first != open(tmp_path / "b" / "wandb_run_id").read()
+    assert steps_of(metrics(tmp_path / "a"))[-1]["step"] == 4
 
 @SLOW
 def test_forced_paths_under_torchrun(sft_model, unreachable_data, tmp_path):

@@ -1,6 +1,7 @@
 """Verifiable rewards: pull the final answer out of a model response and check it.
 
 Public, stable functions:
+    after_thinking(response) -> str            what follows the reasoning (<think> ... </think>), Qwen3-style
     extract_answer(response) -> str | None     the final answer the response commits to
     score(response, ground_truth) -> float     1.0 if it matches the ground truth, else 0.0
     score_countdown(response, numbers, target) a Countdown equation check (data.py's task)
@@ -74,13 +75,26 @@ def _marked_answer(text):
     return None
 
 
+def after_thinking(response):
+    """The part of a response after its reasoning. Qwen3-style models write <think> ... </think> and then the
+    answer (the tags are ordinary tokens: decoding keeps them); a \\boxed{} inside the reasoning is not an answer,
+    and a response cut off inside it (an opening tag, no closing one) has none: ''. Without tags: all of it.
+    (A template that opens the reasoning in the prompt leaves a cut-off response with no tag to tell.)"""
+    if not isinstance(response, str):
+        return response
+    close = response.rfind("</think>")
+    if close >= 0:
+        return response[close + len("</think>"):]
+    return "" if "<think>" in response else response
+
+
 def extract_answer(response):
-    """The final answer in `response`: last \\boxed{}, else last <answer>...</answer>, else GSM8K
-    `#### x`, else "answer is x" / "Answer: x" / a line "A: x", else the last number. None if the
-    response contains none of these."""
+    """The final answer in `response` (after its reasoning, after_thinking): last \\boxed{}, else last
+    <answer>...</answer>, else GSM8K `#### x`, else "answer is x" / "Answer: x" / a line "A: x", else the last
+    number. None if the response contains none of these."""
     if not isinstance(response, str):
         return None
-    text = response[-TAIL_CHARS:]
+    text = after_thinking(response)[-TAIL_CHARS:]
     marked = _marked_answer(text)
     if marked is not None:
         return marked
@@ -223,7 +237,7 @@ def _for_math_verify(text):
 
 
 def score(response, ground_truth):
-    """1.0 if `response`'s final answer equals `ground_truth`, else 0.0.
+    """1.0 if `response`'s final answer (after its reasoning: after_thinking) equals `ground_truth`, else 0.0.
 
     `ground_truth` may be a bare answer ('18', '\\frac{1}{3}', 'B') or a worked solution with a
     marker ('... #### 18', '\\boxed{18}'). Plain numbers are compared exactly here; anything else
@@ -233,7 +247,7 @@ def score(response, ground_truth):
     """
     if not isinstance(response, str) or ground_truth is None:
         return 0.0
-    gt, tail = str(ground_truth), response[-TAIL_CHARS:]
+    gt, tail = str(ground_truth), after_thinking(response)[-TAIL_CHARS:]
     gold = _marked_answer(gt) if re.search(r"####|\\boxed|\\fbox|</answer>|(?:^|\n)\s*A:", gt) \
         else _clean(gt)
     has_latex = _LATEX.search(tail) is not None
@@ -260,6 +274,7 @@ def score_countdown(response, numbers, target):
     """1.0 if the response's final answer is an arithmetic expression (+ - * / and parentheses)
     that uses each of `numbers` exactly once and equals `target`. Parsed with `ast`, evaluated
     with exact fractions: nothing is `eval`ed."""
+    response = after_thinking(response)
     if not isinstance(response, str) or not response.strip():
         return 0.0
     text = response[-TAIL_CHARS:]
