@@ -560,14 +560,15 @@ def is_embedded(model):
     return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))
 
 
-def build_tiny(path, seed=0, vision=False, **sizes):
+def build_tiny(path, seed=0, vision=False, tokenizer=None, **sizes):
     """The embedded default, saved to `path`. Text: a ~0.8M-parameter Qwen3ForCausalLM (4 layers of
     width 128); `sizes` override its config (hidden_size=256, num_hidden_layers=12: ~10M).
     vision=True: a ~0.8M Qwen3VLForConditionalGeneration (2 vision blocks of width 64, 16-pixel
     patches merged 2x2, so a 64x64 image is 4 tokens; 2 text layers) with a Qwen3VLProcessor.
-    Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads."""
+    Untied embeddings: a tied lm_head goes stale in vLLM-CPU weight reloads. `tokenizer`: another one (a subword
+    tokenizer with the same ChatML specials, and the vision ones for vision=True) in place of the character one."""
     import transformers as tf
-    tokenizer = char_tokenizer(VISION_TOKENS if vision else ())
+    tokenizer = tokenizer or char_tokenizer(VISION_TOKENS if vision else ())
     v = tokenizer.get_vocab()
     ids = dict(pad_token_id=v["<|endoftext|>"], eos_token_id=v["<|im_end|>"])
     text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,

@@ -42,12 +42,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist, fmean, variance
 
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import logging as hf_logging
@@ -89,8 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--max_prompt_tokens", type=int, default=None, help="a longer prompt stops the run before training; "
                    "default 128 embedded, 4096 otherwise")
     g.add_argument("--filter_overlong_prompts", action="store_true", help="drop rows over --max_prompt_tokens instead")
-    g.add_argument("--chat_template_kwargs", type=json.loads, default={}, help="JSON object passed to the chat template, "
-                   "e.g. '{\"enable_thinking\": false}' (Qwen3); the verifier reads the answer after </think>")
+    g.add_argument("--chat_template_kwargs", type=json.loads, default={}, help="JSON object for the chat template (Qwen3: "
+                   "'{\"enable_thinking\": false}'); the verifier reads answers after </think>")
 
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts_per_step", type=int, default=None, help="prompts per step (all ranks); 32 embedded, 256")
@@ -119,10 +123,9 @@ def parse_args(argv=None):
     g.add_argument("--ppo_epochs", type=int, default=1, help="passes over each rollout batch")
     g.add_argument("--minibatch_size", type=int, default=None, help="sequences per optimizer step; default half a batch")
     g.add_argument("--micro_batch_size", type=int, default=64, help="sequences per forward/backward on one rank, at most")
-    g.add_argument("--micro_batch_tokens", type=int, default=None, help="... and tokens (padding included) at most, "
-                   "sequences grouped by length; 0: no cap; default 0 embedded, 16384")
-    g.add_argument("--pack", action="store_true", help="padding-free micro-batches: sequences back to back in one row "
-                   "(text models; flash-attn's varlen kernel on GPU, on sdpa a mask of the packed length squared)")
+    g.add_argument("--micro_batch_tokens", type=int, default=None, help="... and tokens, padding included (0: no cap); "
+                   "default 0 embedded, 16384")
+    g.add_argument("--pack", action="store_true", help="padding-free micro-batches: sequences back to back (flash-attn)")
 
     g = p.add_argument_group("NPO: the near-future guide")
     g.add_argument("--gate", type=float, default=0.6, help="a group gets a guide sample when its accuracy is below this")
@@ -160,8 +163,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     g.add_argument("--no_save_model", action="store_true", help="skip the final save_pretrained")
     g.add_argument("--quiet", action="store_true", help="no per-step lines")
-    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="every record to "
-                   "TensorBoard (<out>/tensorboard) or W&B (project $WANDB_PROJECT; WANDB_MODE=offline), x = compute_steps")
+    g.add_argument("--report_to", default="none", choices=["none", "tensorboard", "wandb"], help="records also to "
+                   "TensorBoard (<out>/tensorboard) or W&B ($WANDB_PROJECT; WANDB_MODE=offline)")
     g.add_argument("--sft_steps", type=int, default=600, help="SFT optimizer steps")
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step, all ranks")
     return resolve_defaults(p.parse_args(argv), p)
@@ -408,16 +411,9 @@ def step_rows(trainer, step, per_step=None):
 # ======== 6. Rollout engine and rewards ========================================================
 # vllm: a colocated engine per rank (TP=1, the torchrun group reused), weights pushed in after every step;
 # hf: an unsharded transformers copy and HF generate. Both return the sampled tokens' log-probs.
-@dataclass(frozen=True)
-class Sampling:
-    """What generate() samples: n per prompt; temperature 0 is greedy."""
-    n: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    eos_id: int
-    pad_id: int
-    batch_size: int = 512  # sequences per HF generate() call
+# What generate() samples: n per prompt (temperature 0: greedy), at most max_new_tokens each, stopping at eos_id;
+# batch_size: sequences per HF generate() call.
+Sampling = namedtuple("Sampling", "n temperature top_p max_new_tokens eos_id pad_id batch_size", defaults=[512])
 
 def sampling(trainer, n, greedy=False):
     """The run's Sampling for n samples per prompt (greedy: the held-out pass@1)."""
@@ -810,9 +806,7 @@ def recompute_logprobs(model, batch, args, device, entropy=True, dummy=None):
             filler_pass(model, dummy if batch is None else batch, device, backward=False)
             continue
         lp, en = forward_logprobs(model, batch, j, args.temperature, device, entropy, args.pack)
-        logps[j] = lp.cpu()
-        if entropy:
-            ents[j] = en.cpu()
+        logps[j], ents[j] = lp.cpu(), (en.cpu() if entropy else 0.0)
     return (logps if N else None), (ents if entropy and N else None)
 
 def optimizer_step(model, optim, sched, grad_clip):
@@ -857,55 +851,25 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
 
 
 # ======== 9. Checkpoints and the ring buffer ===================================================
-# A snapshot: this rank's model and optimizer shards, scheduler, RNG states and step. Files on disk are
-# written atomically (a temp name, then one rename).
+# A training state on disk (checkpoint or ring snapshot) is a directory on a filesystem every rank sees: model and
+# optimizer through torch.distributed.checkpoint (any number of ranks reads them back), meta.json, rank<r>.pt (RNG,
+# extras), renamed when complete. In host memory (the guide theta_t) a rank's own shards (_host_copy, load_weights).
 def _host_copy(x):
     """Detached CPU copy of a tensor (a DTensor's local shard), recursing into containers."""
     if isinstance(x, torch.Tensor):
         return (x.to_local() if isinstance(x, DTensor) else x).detach().to("cpu", copy=True)
     if isinstance(x, dict):
         return {k: _host_copy(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_host_copy(v) for v in x)
     return x
 
-def _like(t, ref):
-    """A saved local shard back on ref's device (a DTensor with ref's layout when ref is one)."""
-    if isinstance(ref, DTensor):
-        return DTensor.from_local(t.to(ref.device), ref.device_mesh, ref.placements, run_check=False,
-                                  shape=ref.shape, stride=ref.stride())
-    return t.to(ref.device)
-
-def take_snapshot(model, optim, sched, step, extra=None):
-    """Host-memory snapshot of this rank's training state (bit-exact copies)."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return {"step": step, "model": _host_copy(model.state_dict()), "optim": _host_copy(optim.state_dict()),
-            "sched": sched.state_dict(), "rng": rng, "extra": extra or {}}
-
 @torch.no_grad()
-def load_weights(snap, model):
-    """Only the model shards of a snapshot (the learner theta_s while Q / V are measured)."""
+def load_weights(copy, model):
+    """Put a _host_copy of this rank's model shards back into the live model."""
     params = model.state_dict()
-    for name, saved in snap["model"].items():
-        params[name].copy_(_like(saved, params[name]))
-
-@torch.no_grad()
-def restore_snapshot(snap, model, optim, sched, rng=True):
-    """Load a snapshot back into the live model, optimizer and scheduler; returns its step."""
-    load_weights(snap, model)
-    order = [p for g in optim.param_groups for p in g["params"]]
-    state = {i: {k: (_like(v, order[int(i)]) if isinstance(v, torch.Tensor) and k != "step" else v) for k, v in s.items()}
-             for i, s in snap["optim"]["state"].items()}
-    optim.load_state_dict({"state": state, "param_groups": snap["optim"]["param_groups"]})
-    sched.load_state_dict(snap["sched"])
-    if rng:
-        torch.set_rng_state(snap["rng"]["torch"])
-        random.setstate(snap["rng"]["python"])
-        if torch.cuda.is_available() and "cuda" in snap["rng"]:
-            torch.cuda.set_rng_state(snap["rng"]["cuda"])
-    return snap["step"]
+    for name, saved in copy.items():
+        ref, saved = params[name], saved.to(params[name].device)
+        ref.copy_(DTensor.from_local(saved, ref.device_mesh, ref.placements, run_check=False, shape=ref.shape,
+                                     stride=ref.stride()) if isinstance(ref, DTensor) else saved)
 
 _CRASH_COUNT = {}  # crash_point: times each named moment was passed in this process
 
@@ -919,28 +883,64 @@ def crash_point(name):
     if _CRASH_COUNT[name] == int(spec[1]):
         os.kill(os.getpid(), signal.SIGKILL)
 
-def save_checkpoint(out, snap, keep, compute, ring=()):
-    """checkpoints/c<compute>/rank<r>.pt + meta.json, complete or absent. Named by the compute
-    counter, which never goes back (the step does, at a rollback). `ring` names the ring snapshot
-    files this state refers to, so a checkpoint holds one training state, not one per snapshot."""
-    rank = dist.get_rank()
-    final = os.path.join(out, "checkpoints", f"c{compute:07d}")
-    tmp = final + ".tmp"
+def save_state(path, model, optim, sched, step, extra=None, meta=None, crash="checkpoint"):
+    """Write the training state to directory `path`, complete or absent (every rank calls this). An optimizer
+    that has not stepped is written as none: asking DCP for its state would initialise it with a step."""
+    rank, tmp = dist.get_rank(), path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    torch.save(snap, os.path.join(tmp, f"rank{rank}.pt"))
-    crash_point("checkpoint")
+    state = {"model": get_model_state_dict(model)}
+    if optim.state:
+        state["optim"] = get_optimizer_state_dict(model, optim)
+    dcp.save(state, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    torch.save({"rng": rng, "extra": extra or {}}, os.path.join(tmp, f"rank{rank}.pt"))
+    crash_point(crash)
     dist.barrier()
     if rank == 0:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": snap["step"], "compute": compute, "world_size": dist.get_world_size(), "ring": list(ring)}, f)
-        if not os.path.exists(final):  # (one that exists is this same state, written before a kill)
-            os.replace(tmp, final)
+            json.dump({"step": step, "sched": sched.state_dict(), "optim": "optim" in state,
+                       "world_size": dist.get_world_size(), **(meta or {})}, f)
+        if not os.path.exists(path):  # (one that exists is this same state, written before a kill)
+            os.replace(tmp, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+
+def load_state(path, model, optim=None, sched=None, rng=True):
+    """Read a save_state of any number of ranks into the live model (and optimizer, scheduler, this rank's RNG if it
+    wrote one; weights_only: never arbitrary pickles). Returns (meta, the writing ranks' extras)."""
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    state = {"model": get_model_state_dict(model)}
+    if optim is not None and meta["optim"]:
+        state["optim"] = get_optimizer_state_dict(model, optim)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    if optim is not None:
+        set_optimizer_state_dict(model, optim, state["optim"]) if meta["optim"] else optim.state.clear()
+        sched.load_state_dict(meta["sched"])
+        for group, lr in zip(optim.param_groups, meta["sched"]["_last_lr"]):
+            group["lr"] = lr
+    ranks = [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=True) for r in range(meta["world_size"])]
+    if rng and dist.get_rank() < len(ranks):
+        saved = ranks[dist.get_rank()]["rng"]
+        torch.set_rng_state(saved["torch"])
+        random.setstate(saved["python"])
+        if torch.cuda.is_available() and "cuda" in saved:
+            torch.cuda.set_rng_state(saved["cuda"])
+    return meta, [r["extra"] for r in ranks]
+
+def save_checkpoint(out, model, optim, sched, step, keep, compute, extra=None, ring=()):
+    """checkpoints/c<compute> (save_state), named by the compute counter, which never goes back (the step does,
+    at a rollback). `ring` names the ring snapshots this state refers to: one training state, not one per snapshot."""
+    save_state(os.path.join(out, "checkpoints", f"c{compute:07d}"), model, optim, sched, step, extra,
+               {"compute": compute, "ring": list(ring)})
+    if dist.get_rank() == 0:
         for d in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
 
 def complete_checkpoints(out):
@@ -950,57 +950,32 @@ def complete_checkpoints(out):
     return [os.path.join(root, d) for d in names
             if not d.endswith(".tmp") and os.path.isfile(os.path.join(root, d, "meta.json"))]
 
-def latest_checkpoint(out):
-    return (complete_checkpoints(out) or [None])[-1]
-
-def load_checkpoint(path):
-    """This rank's snapshot (weights_only: tensors and plain types, never arbitrary pickles)."""
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    if meta["world_size"] != dist.get_world_size():
-        raise SystemExit(f"error: {path} was written by {meta['world_size']} ranks; resume with the "
-                         f"same --nproc_per_node (this run has {dist.get_world_size()})")
-    return torch.load(os.path.join(path, f"rank{dist.get_rank()}.pt"), weights_only=True)
-
-def ring_push(ring, snap, size, ring_dir, compute):
-    """Add a snapshot to the ring buffer: written once, when taken, as this rank's file (tmp +
-    rename), and kept by name; the oldest beyond `size` leave the ring. The name holds the compute
-    counter: after a rollback the same step is taken again, on another branch."""
-    name = f"step{snap['step']:06d}_c{compute:07d}"
-    path = ring_file(ring_dir, name)
-    os.makedirs(ring_dir, exist_ok=True)
-    torch.save(snap, path + ".tmp")
-    crash_point("ring")
-    os.replace(path + ".tmp", path)
-    ring[:] = [e for e in ring if e["step"] != snap["step"]] + [{"step": snap["step"], "name": name}]
+def ring_push(ring, model, optim, sched, step, size, ring_dir, compute):
+    """Add a snapshot of the training state to the ring buffer: written once, when taken, and kept by name; the
+    oldest beyond `size` leave the ring. The name holds the compute counter: after a rollback the same step is
+    taken again, on another branch."""
+    name = f"step{step:06d}_c{compute:07d}"
+    save_state(os.path.join(ring_dir, name), model, optim, sched, step, crash="ring")
+    ring[:] = [e for e in ring if e["step"] != step] + [{"step": step, "name": name}]
     del ring[:-size]
 
-def ring_file(ring_dir, name):
-    return os.path.join(ring_dir, f"{name}_rank{dist.get_rank()}.pt")
-
-def ring_get(ring, step, ring_dir):
-    """The snapshot the ring holds for `step`."""
-    name = next(e["name"] for e in ring if e["step"] == step)
-    return torch.load(ring_file(ring_dir, name), weights_only=True)
-
-def ring_truncate(ring, step):
-    """After a rollback to `step`, the snapshots after it belong to an abandoned branch."""
-    ring[:] = [e for e in ring if e["step"] <= step]
+def ring_path(ring, step, ring_dir):
+    """The directory of the snapshot the ring holds for `step`."""
+    return os.path.join(ring_dir, next(e["name"] for e in ring if e["step"] == step))
 
 def ring_gc(ring, ring_dir, out=None):
-    """Delete this rank's ring files that no ring entry or complete checkpoint in `out` refers to, and half-written
-    ones (ring_gc([], ring_dir): all of them, as a finished run does)."""
+    """Delete (rank 0) the ring snapshots that no ring entry or complete checkpoint in `out` refers to, and
+    half-written ones (ring_gc([], ring_dir): all of them, as a finished run does)."""
     keep = {e["name"] for e in ring}
     for d in complete_checkpoints(out) if out else []:
         try:
             with open(os.path.join(d, "meta.json")) as f:
                 keep |= set(json.load(f).get("ring", []))
-        except FileNotFoundError:  # being deleted by rank 0
+        except FileNotFoundError:  # being deleted
             pass
-    mine = f"_rank{dist.get_rank()}.pt"
-    for f in os.listdir(ring_dir) if os.path.isdir(ring_dir) else []:
-        if f.endswith(mine + ".tmp") or (f.endswith(mine) and f[:-len(mine)] not in keep):
-            os.remove(os.path.join(ring_dir, f))
+    for name in os.listdir(ring_dir) if dist.get_rank() == 0 and os.path.isdir(ring_dir) else []:
+        if name not in keep:
+            shutil.rmtree(os.path.join(ring_dir, name), ignore_errors=True)
 
 def check_disk(args, params, device):
     """Stop at the start (every rank) a run whose files will not fit: a snapshot is 12 B/parameter (fp32 weights, two
@@ -1196,7 +1171,7 @@ def qvs_table(trainer, state, t, candidates):
     future, scored = score_solutions(trainer, {r: v[:1] for r, v in future.items()})  # log pi_guide for V
     table = []
     for s in candidates:
-        load_weights(ring_get(state.ring, s, a.ring_dir), trainer.model)
+        load_state(ring_path(state.ring, s, a.ring_dir), trainer.model, rng=False)
         sync_weights(trainer.engine, trainer.model)
         learner, n = sample_correct(trainer, windows[s])
         generated += n
@@ -1218,7 +1193,7 @@ def intervene(trainer, state, t, deltas, reason):
        snapshots, replayed successes and mistake-pool entries); the guide pool serves until t.
     Returns (new step, the intervention's metrics record)."""
     a, device = trainer.args, trainer.device
-    theta_t = {"model": _host_copy(trainer.model.state_dict())}  # the guide's weights
+    theta_t = _host_copy(trainer.model.state_dict())  # the guide's weights
     candidates = [t - d for d in deltas if d > 0 and any(e["step"] == t - d for e in state.ring)]
     table, generated, scored = qvs_table(trainer, state, t, candidates) if candidates else ([], 0, 0)
     if candidates:
@@ -1238,8 +1213,8 @@ def intervene(trainer, state, t, deltas, reason):
         replayed = [i for step in range(new_step, t) for i in step_rows(trainer, step)]
         state.guide_pool, pool_generated = sample_correct(trainer, replayed)
         crash_point("intervention")
-        restore_snapshot(ring_get(state.ring, new_step, a.ring_dir), trainer.model, trainer.optim, trainer.sched, rng=False)
-        ring_truncate(state.ring, new_step)
+        load_state(ring_path(state.ring, new_step, a.ring_dir), trainer.model, trainer.optim, trainer.sched, rng=False)
+        state.ring[:] = [e for e in state.ring if e["step"] <= new_step]  # the rest is an abandoned branch
         state.replay = [e for e in state.replay if e[0] < new_step]
         state.mistake_pool = [e for e in state.mistake_pool if e[0] < new_step]
         state.guide_until = t
@@ -1371,17 +1346,33 @@ def resume_if_asked(trainer, gen=None):
     """With --resume, restore the newest complete checkpoint; returns the step to start from."""
     if not trainer.args.resume:
         return 0
-    ckpt = latest_checkpoint(trainer.args.out)
+    ckpt = (complete_checkpoints(trainer.args.out) or [None])[-1]
     if ckpt is None:
         log0("resume: no complete checkpoint, starting from step 0")
         return 0
-    snap = load_checkpoint(ckpt)
-    step = restore_snapshot(snap, trainer.model, trainer.optim, trainer.sched)
-    if gen is not None:
-        gen.set_state(snap["extra"]["shuffle_rng"])
-    trainer.resumed = snap["extra"]
-    log0(f"resume: continuing from {ckpt} (step {step})")
-    return step
+    meta, extras = load_state(ckpt, trainer.model, trainer.optim, trainer.sched)
+    if len(extras) == trainer.world:  # the same ranks: each continues exactly where it was
+        trainer.resumed = extras[trainer.rank]
+        if gen is not None:
+            gen.set_state(trainer.resumed["shuffle_rng"])
+    else:
+        trainer.resumed = reshard_extras(trainer, extras, meta["step"])
+    log0(f"resume: continuing from {ckpt} (step {meta['step']}, written by {len(extras)} rank(s), read by {trainer.world})")
+    return meta["step"]
+
+def reshard_extras(trainer, extras, step):
+    """A checkpoint written by another number of ranks: the run-wide extras are rank 0's; NPO's per-rank pools
+    (mistake pool, past successes, guide pool) are merged, and each rank keeps the prompts that the data order
+    (a function of the step) gives it now. The per-rank RNG streams (sampling, minibatch shuffles) start anew."""
+    if not extras[0].get("npo"):
+        return extras[0]
+    owned = functools.lru_cache(maxsize=None)(lambda s: set(step_rows(trainer, s)))
+    npo = {**extras[0]["npo"]}
+    for key in ("mistake_pool", "replay"):
+        npo[key] = sorted((e for x in extras for e in x["npo"][key] if e[1] in owned(e[0])), key=lambda e: e[0])
+    window = set().union(*(owned(s) for s in range(step, npo["guide_until"])))
+    npo["guide_pool"] = {r: v for x in extras for r, v in x["npo"]["guide_pool"].items() if r in window}
+    return {**extras[0], "npo": npo}
 
 def finish(trainer, summary, metrics):
     """Save the final model and summary.json, close the metrics; no rank leaves while another still talks to it."""
@@ -1422,8 +1413,7 @@ def run_sft(trainer):
                  f"eval greedy {rec['eval_greedy']:.3f} | {time.time() - t0:.0f}s")
         report.write_metrics(metrics, rec)
         if args.save_every and (step + 1) % args.save_every == 0:
-            snap = take_snapshot(model, trainer.optim, trainer.sched, step + 1)
-            save_checkpoint(args.out, snap, args.keep_checkpoints, step + 1)
+            save_checkpoint(args.out, model, trainer.optim, trainer.sched, step + 1, args.keep_checkpoints, step + 1)
     sync_weights(trainer.engine, model)
     final = evaluate(trainer)
     finish(trainer, {"mode": "sft", "steps": args.sft_steps, "eval_greedy_start": base["eval_greedy"],
@@ -1562,7 +1552,7 @@ def run_rl(trainer):
     start = resume_if_asked(trainer, gen)
     resumed = trainer.resumed is not None
     state = NPOState(**trainer.resumed["npo"]) if resumed else NPOState()
-    state.ring = [e for e in state.ring if os.path.exists(ring_file(args.ring_dir, e["name"]))]  # after --keep_ring off
+    state.ring = [e for e in state.ring if os.path.isdir(os.path.join(args.ring_dir, e["name"]))]  # after --keep_ring off
     at = state.compute_steps if resumed else None
     metrics = report.open_metrics(args.out, at, args.report_to, vars(args)) if trainer.rank == 0 else None
     sync_weights(trainer.engine, trainer.model)
@@ -1583,8 +1573,8 @@ def run_rl(trainer):
         # ---- Checkpoint ring buffer (NPO / AutoNPO) ---------------------------------------------
         if args.uses_ring and (step % args.ring_every == 0 or step in ring_steps) \
                 and step not in [e["step"] for e in state.ring]:
-            snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step)
-            ring_push(state.ring, snap, args.ring_size, args.ring_dir, state.compute_steps)
+            ring_push(state.ring, trainer.model, trainer.optim, trainer.sched, step, args.ring_size, args.ring_dir,
+                      state.compute_steps)
             ring_gc(state.ring, args.ring_dir, args.out)
         # ---- Generate episodes (guide samples injected into failing groups) --------------------
         batch, info, failed_rows, successes = rollout(trainer, step, step_guide(trainer, state, step))
@@ -1624,8 +1614,8 @@ def run_rl(trainer):
         elif args.save_every and step % args.save_every == 0:
             extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state),
                      "wall_s": wall0 + time.time() - t0}
-            snap = take_snapshot(trainer.model, trainer.optim, trainer.sched, step, extra)
-            save_checkpoint(args.out, snap, args.keep_checkpoints, state.compute_steps, [e["name"] for e in state.ring])
+            save_checkpoint(args.out, trainer.model, trainer.optim, trainer.sched, step, args.keep_checkpoints,
+                            state.compute_steps, extra, [e["name"] for e in state.ring])
             ring_gc(state.ring, args.ring_dir, args.out)
     if not args.keep_ring:  # a finished run needs no rollback (a resume of it finds no ring: see run_rl's start)
         ring_gc([], args.ring_dir)

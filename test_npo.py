@@ -2,6 +2,7 @@
 data and hostile input, the data loaders on real and broken files, and end-to-end runs (single
 process and torchrun, resume). Run: .venv/bin/python -m pytest -q test_npo.py
 """
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 import data as npo_data
 import npo
@@ -1399,7 +1401,7 @@ def vllm_worker(path, out):
     vision = npo_data.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 8, eos, pad), vision)]  # noqa: E731
-    snap0 = npo.take_snapshot(model, optim, sched, 0)
+    snap0 = npo._host_copy(model.state_dict())
     greedy0 = greedy()
     gaps, moved = [], []
     for _ in range(3):
@@ -1695,15 +1697,15 @@ def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
         optim.zero_grad()
 
     train_one()
-    snap = npo.take_snapshot(model, optim, sched, 1)
     want = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     want_opt = {k: v["exp_avg_sq"].full_tensor().clone() for k, v in optim.state_dict()["state"].items()}
-    npo.save_checkpoint(str(tmp_path), snap, keep=1, compute=1)
+    npo.save_checkpoint(str(tmp_path), model, optim, sched, 1, keep=1, compute=1, extra={"x": [1, (2, 3)]})
+    rng_after_save = torch.rand(3)
     train_one()
     train_one()
     assert any(not torch.equal(v.full_tensor(), want[k]) for k, v in model.state_dict().items())
-    loaded = npo.load_checkpoint(npo.latest_checkpoint(str(tmp_path)))  # through the disk, weights_only
-    assert npo.restore_snapshot(loaded, model, optim, sched) == 1
+    meta, extras = npo.load_state(npo.complete_checkpoints(str(tmp_path))[-1], model, optim, sched)  # through the disk
+    assert meta["step"] == 1 and extras == [{"x": [1, (2, 3)]}] and torch.equal(torch.rand(3), rng_after_save)
     for k, v in model.state_dict().items():
         assert torch.equal(v.full_tensor(), want[k]), k
     for k, v in optim.state_dict()["state"].items():
@@ -1713,8 +1715,9 @@ def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
 
 @SLOW
 def test_ring_buffer_files_eviction_gc_and_exact_restore(world_of_one, tmp_path):
-    """Ring snapshots are files written once; the ring keeps the newest K by name; ring_gc deletes
-    a file only when neither the ring nor a complete checkpoint refers to it."""
+    """Ring snapshots are directories written once; the ring keeps the newest K by name; ring_gc deletes
+    one only when neither the ring nor a complete checkpoint refers to it. Saving an optimizer that has not
+    stepped leaves it so (DCP would initialise it), and restoring that snapshot empties it again."""
     path, args = world_of_one
     model = npo.load_policy(path, args, torch.device("cpu"))
     optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -1723,10 +1726,10 @@ def test_ring_buffer_files_eviction_gc_and_exact_restore(world_of_one, tmp_path)
     ring, kept, out = [], {}, str(tmp_path)
     ring_dir = os.path.join(out, "ring")
     for step in range(5):
-        npo.ring_push(ring, npo.take_snapshot(model, optim, sched, step), 3, ring_dir, compute=10 + step)
+        npo.ring_push(ring, model, optim, sched, step, 3, ring_dir, compute=10 + step)
+        assert bool(optim.state) == (step > 0)
         if step == 2:  # a checkpoint that refers to the ring as it is now (steps 0, 1, 2)
-            npo.save_checkpoint(out, npo.take_snapshot(model, optim, sched, step), 1, compute=12,
-                                ring=[e["name"] for e in ring])
+            npo.save_checkpoint(out, model, optim, sched, step, 1, compute=12, ring=[e["name"] for e in ring])
         npo.ring_gc(ring, ring_dir, out)
         kept[step] = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
         model(input_ids=ids, labels=ids).loss.backward()
@@ -1734,16 +1737,16 @@ def test_ring_buffer_files_eviction_gc_and_exact_restore(world_of_one, tmp_path)
         sched.step()
         optim.zero_grad()
     assert [e["step"] for e in ring] == [2, 3, 4]
-    names = [f"step{s:06d}_c{10 + s:07d}_rank0.pt" for s in range(5)]
+    names = [f"step{s:06d}_c{10 + s:07d}" for s in range(5)]
     assert sorted(os.listdir(ring_dir)) == names  # 0 and 1 left the ring, but the checkpoint needs them
-    npo.save_checkpoint(out, npo.take_snapshot(model, optim, sched, 5), 1, compute=15, ring=[e["name"] for e in ring])
+    assert npo.load_state(os.path.join(ring_dir, names[0]), model, optim, sched, rng=False)[0]["step"] == 0
+    assert not optim.state and all(torch.equal(v.full_tensor(), kept[0][k]) for k, v in model.state_dict().items())
+    npo.save_checkpoint(out, model, optim, sched, 5, 1, compute=15, ring=[e["name"] for e in ring])
     npo.ring_gc(ring, ring_dir, out)
     assert sorted(os.listdir(ring_dir)) == names[2:]
-    assert npo.restore_snapshot(npo.ring_get(ring, 3, ring_dir), model, optim, sched, rng=False) == 3
+    assert npo.load_state(npo.ring_path(ring, 3, ring_dir), model, optim, sched, rng=False)[0]["step"] == 3
     assert all(torch.equal(v.full_tensor(), kept[3][k]) for k, v in model.state_dict().items())
     assert sched.last_epoch == 3
-    npo.ring_truncate(ring, 3)
-    assert [e["step"] for e in ring] == [2, 3]
 
 
 # =============================================================================================
@@ -1869,7 +1872,7 @@ def test_resume_reproduces_uninterrupted_run(sft_model, tmp_path, mode):
     common = [*GRPO, *mode, "--model", sft_model, "--save_every", "2", "--no_save_model"]
     a = train(common + ["--steps", "5"], full)
     train(common + ["--steps", "3"], part)
-    assert json.load(open(os.path.join(npo.latest_checkpoint(part), "meta.json")))["step"] == 2
+    assert json.load(open(os.path.join(npo.complete_checkpoints(part)[-1], "meta.json")))["step"] == 2
     b = train(common + ["--steps", "5", "--resume"], part)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
     assert_same_run(a, b)
@@ -1943,7 +1946,8 @@ def test_killed_at_any_moment_resumes_without_loss(sft_model, tmp_path):
         assert (code != 0) == (kill is not None), f"kill {kill}: exit code {code}\n{log[-3000:]}"
         resumed = [line.split("from ")[1].split(" (")[0] for line in log.splitlines() if "resume: continuing" in line]
         for ckpt in resumed:  # the checkpoint it loaded was complete before this launch
-            assert (ckpt, ["meta.json", "rank0.pt", "rank1.pt"]) in complete, (ckpt, complete)
+            assert (ckpt, [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json", "rank0.pt", "rank1.pt"]) in complete, \
+                (ckpt, complete)
         resumed_from += resumed
         if kill == kills[0]:  # killed inside the write: the half-written checkpoint is left as .tmp
             assert any(d.endswith(".tmp") for d in os.listdir(out / "checkpoints"))
@@ -1954,19 +1958,188 @@ def test_killed_at_any_moment_resumes_without_loss(sft_model, tmp_path):
 @SLOW
 def test_checkpoint_is_one_training_state_and_the_ring_is_written_once(sft_model, tmp_path):
     """With the default ring (6 snapshots) an NPO checkpoint weighs what a GRPO checkpoint weighs:
-    the ring's snapshots are files of their own, each written once, that checkpoints refer to."""
+    the ring's snapshots are directories of their own, each written once, that checkpoints refer to."""
     common = ["--model", sft_model, "--steps", "12", "--save_every", "12", "--no_save_model", "--ring_every", "2"]
     train([*GRPO, *common], tmp_path / "grpo")
     train([*GRPO, *common, "--mode", "autonpo", "--max_interventions", "0", "--keep_ring"], tmp_path / "npo")
     size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))  # noqa: E731
-    grpo, npo_ckpt = npo.latest_checkpoint(str(tmp_path / "grpo")), npo.latest_checkpoint(str(tmp_path / "npo"))
+    grpo, npo_ckpt = npo.complete_checkpoints(str(tmp_path / "grpo"))[-1], npo.complete_checkpoints(str(tmp_path / "npo"))[-1]
     assert size(npo_ckpt) < 1.05 * size(grpo)
     ring = json.load(open(os.path.join(npo_ckpt, "meta.json")))["ring"]
     assert len(ring) == 6
-    files = sorted(os.listdir(tmp_path / "npo" / "ring"))
-    assert files == sorted(f"{name}_rank0.pt" for name in ring)
-    assert all(os.path.getsize(tmp_path / "npo" / "ring" / f) < 1.05 * size(grpo) for f in files)  # at most one state each
+    snapshots = sorted(os.listdir(tmp_path / "npo" / "ring"))
+    assert snapshots == sorted(ring)
+    assert all(size(tmp_path / "npo" / "ring" / f) < 1.05 * size(grpo) for f in snapshots)  # at most one state each
 
+
+def reshard_worker(path, out, phase):
+    """Under torchrun: `save` takes an optimizer step, gives every rank NPO pools of its own prompts (mistake
+    pool and past successes of steps 0-2, a guide pool for step 3) and saves a checkpoint, with the gathered
+    model and optimizer tensors beside it; `load` resumes from it (any number of ranks) and writes what each
+    rank got: the tensors' equality with the saved ones, its pools and the run-wide state."""
+    rank, world, dev = npo.setup_distributed()
+    flags = [*GRPO, "--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2", "--model", path, "--out", out,
+             "--rollout", "hf", "--eval_size", "4"] + (["--resume"] if phase == "load" else [])
+    trainer = npo.setup(npo.parse_args(flags))
+    model, optim = trainer.model, trainer.optim
+    gathered = lambda: ({k: v.full_tensor().clone() for k, v in model.state_dict().items()},  # noqa: E731
+                        {f"{i}.{k}": (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+                         for i, s in optim.state_dict()["state"].items() for k, t in s.items()})
+    gen = torch.Generator().manual_seed(0)
+    if phase == "save":
+        ids = torch.randint(5, 90, (2, 12))
+        model(input_ids=ids, labels=ids).loss.backward()
+        npo.optimizer_step(model, optim, trainer.sched, 1.0)
+        rows = {s: npo.step_rows(trainer, s) for s in range(4)}
+        state = npo.NPOState(mistake_pool=[(s, i) for s in range(3) for i in rows[s]], guide_until=4, compute_steps=7,
+                             replay=[(s, i, [5, 6], [-0.1, -0.2]) for s in range(3) for i in rows[s][:1]],
+                             guide_pool={i: [([7], [-0.3])] for i in rows[3]}, history={"reward": [0.1, 0.2]})
+        extra = {"shuffle_rng": gen.get_state(), "base_eval": {"eval_greedy": 0.5}, "npo": dataclasses.asdict(state)}
+        npo.save_checkpoint(out, model, optim, trainer.sched, 3, 1, 7, extra)
+        saved = gathered()  # (a collective: every rank)
+        if rank == 0:
+            torch.save(saved, os.path.join(out, "saved.pt"))
+        res = {}
+    else:
+        step = npo.resume_if_asked(trainer, gen)
+        model_t, optim_t = gathered()
+        saved_model, saved_optim = torch.load(os.path.join(out, "saved.pt"))
+        npo_state = trainer.resumed["npo"]
+        res = {"step": step, "model_equal": all(torch.equal(model_t[k], saved_model[k]) for k in saved_model),
+               "optim_equal": sorted(optim_t) == sorted(saved_optim) and all(torch.equal(optim_t[k], saved_optim[k])
+                                                                               for k in saved_optim),
+               "optim_keys": len(saved_optim), "lr": optim.param_groups[0]["lr"], "sched": trainer.sched.last_epoch,
+               "mistake_pool": npo_state["mistake_pool"], "replay": [e[:2] for e in npo_state["replay"]],
+               "guide_pool": sorted(npo_state["guide_pool"]), "compute_steps": npo_state["compute_steps"],
+               "history": npo_state["history"], "owned": {s: npo.step_rows(trainer, s) for s in range(4)}}
+    with open(os.path.join(out, f"{phase}{rank}.json"), "w") as f:
+        json.dump(report._json_safe(res), f)
+    npo.close_engine(trainer.engine)
+    torch.distributed.destroy_process_group()
+
+
+@SLOW
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks(sft_model, tmp_path, before, after):
+    """Written by `before` ranks, read by `after` (DCP reshards): the gathered model and optimizer tensors equal the
+    saved ones exactly; scheduler, step and the run-wide NPO state (history, compute counters) come back; the
+    per-rank pools are merged and each rank holds exactly the entries of the prompts it now owns."""
+    run(launcher(before) + [__file__, "reshard_worker", sft_model, str(tmp_path), "save"], timeout=300)
+    run(launcher(after) + [__file__, "reshard_worker", sft_model, str(tmp_path), "load"], timeout=300)
+    got = [json.load(open(tmp_path / f"load{r}.json")) for r in range(after)]
+    for g in got:
+        assert g["step"] == 3 and g["model_equal"] and g["optim_equal"] and g["optim_keys"] > 0 and g["sched"] == 1
+        assert g["compute_steps"] == 7 and g["history"]["reward"] == [0.1, 0.2]
+        owned = {int(s): set(rows) for s, rows in g["owned"].items()}
+        assert all(i in owned[s] for s, i in g["mistake_pool"]) and all(i in owned[s] for s, i in g["replay"])
+        assert set(g["guide_pool"]) == owned[3]
+    # nothing lost, nothing doubled: the union over the new ranks is what the old ranks held
+    assert sorted(tuple(e) for g in got for e in g["mistake_pool"]) == sorted((s, i) for g in got for s in range(3)
+                                                                             for i in g["owned"][str(s)])
+    assert len([e for g in got for e in g["replay"]]) == 3 * before
+
+
+@SLOW
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_npo_run_resumed_on_another_number_of_ranks_rolls_back_into_its_ring(sft_model, tmp_path, before, after):
+    """An NPO run on `before` ranks stops at step 4 with a checkpoint (it has rolled back once, at step 2); resumed
+    on `after` ranks it rolls back at step 5 by Delta 4 to the ring snapshot of step 1, written before the resume
+    by the other number of ranks, and finishes with its compute counters and intervention count carried on."""
+    flags = [*GRPO, "--mode", "npo", "--model", sft_model, "--bootstrap_delta", "2", "--breakthrough_at", "5",
+             "--breakthrough_delta", "4", "--ring_every", "2", "--save_every", "4", "--keep_ring", "--out", str(tmp_path)]
+    run(launcher(before) + ["npo.py", *flags, "--steps", "4"])
+    p = run(launcher(after) + ["npo.py", *flags, "--steps", "6", "--resume"])
+    assert f"written by {before} rank(s), read by {after}" in p.stdout
+    m = metrics(tmp_path)
+    assert [(e["reason"], e["step"], e["delta"]) for e in events(m)] == [("bootstrap", 2, 2), ("breakthrough", 5, 4)]
+    assert [r["step"] for r in steps_of(m)] == [1, 2, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6]
+    assert [r["compute_steps"] for r in steps_of(m)] == list(range(1, 13))
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["compute_steps"] == 12 and summary["interventions"] == 2
+
+# ---- a subword tokenizer through the whole path (every other test runs the character tokenizer) -------------
+def bpe_tokenizer(vision=False, vocab=512):
+    """A byte-level BPE tokenizer trained on the synthetic tasks' own text (prompts and worked solutions), with
+    ChatML's special tokens (and the vision ones): answers span token boundaries, as with Qwen's tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (npo_data.VISION_TOKENS if vision else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rows = [r for task in ("mul", "mulsteps", "count") for r in npo_data.make_task(task, n_train=300, n_eval=0)[0]]
+    text = [npo_data.prompt_text(r) + " " + npo_data.sft_response(r) for r in rows] + ["user assistant system"]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    wrapped.chat_template = npo_data.CHAT_TEMPLATE
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def bpe_sft_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    base = npo_data.build_tiny(str(root / "base"), tokenizer=bpe_tokenizer())
+    train(["--mode", "sft", "--model", base, "--sft_steps", "100", "--lr", "3e-3", "--eval_every", "100", *TASK],
+          root / "sft")
+    return str(root / "sft" / "model")
+
+
+def bpe_worker(path, out, rollout):
+    """Samples of the BPE policy from one engine, with what the test compares: every response stops at its first
+    <|im_end|> (or at the length cap), and the reward is the verifier's on the text the ids decode to, decoded
+    here by the tokenizers library itself (not transformers' batch_decode, which score_responses uses)."""
+    npo.setup_distributed()
+    trainer = npo.setup(npo.parse_args(["--mode", "grpo", "--model", path, "--out", out, "--rollout", rollout, *TASK]))
+    tok, rows = trainer.tokenizer, trainer.train_rows[:16]
+    samples = npo.generate(trainer.engine, trainer.train_prompts[:16], npo.sampling(trainer, 4))
+    rewards = npo.score_responses(tok, rows, samples, 4)
+    eos, cap = tok.eos_token_id, trainer.args.max_new_tokens
+    raw = [tok.backend_tokenizer.decode([t for t in ids if t != eos]) for ids, _ in samples]
+    res = {"n": len(samples), "stops": all(ids[-1] == eos or len(ids) == cap for ids, _ in samples),
+           "eos_inside": sum(eos in ids[:-1] for ids, _ in samples), "ended": sum(ids[-1] == eos for ids, _ in samples),
+           "same_rewards": rewards == [verifier.reward(t, rows[k // 4]) for k, t in enumerate(raw)], "correct": sum(rewards)}
+    with open(os.path.join(out, f"bpe_{rollout}.json"), "w") as f:
+        json.dump(res, f)
+    npo.close_engine(trainer.engine)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@SLOW
+@pytest.mark.parametrize("rollout", ["hf", pytest.param("vllm", marks=HAS_VLLM)])
+def test_subword_tokenizer_through_sft_grpo_and_an_intervention(bpe_sft_model, tmp_path, rollout):
+    """A byte-level BPE tokenizer (answers span tokens; pad, EOS and <|im_end|> ids are its own): every reference
+    solution decodes back to itself and scores 1; the SFT'd policy's samples stop at <|im_end|> and are scored on
+    exactly the text their ids decode to, with either engine; NPO (GRPO steps and a rollback) runs through it."""
+    tok = npo.load_tokenizer(bpe_sft_model)
+    rows = npo_data.make_task("mul", "1x1", n_train=200, n_eval=0)[0] + npo_data.make_task("mulsteps", "3x1", n_train=50,
+                                                                                          n_eval=0)[0]
+    for r in rows:
+        ids = npo_data.sft_target(tok, r)
+        assert ids[-1] == tok.eos_token_id and tok.decode(ids, skip_special_tokens=True) == npo_data.sft_response(r)
+        assert verifier.reward(tok.decode(ids, skip_special_tokens=True), r) == 1.0
+    assert sum(len(tok(r["answer"], add_special_tokens=False)["input_ids"]) > 1 for r in rows) > 40  # answers span tokens
+    run([PY, __file__, "bpe_worker", bpe_sft_model, str(tmp_path), rollout])
+    res = json.load(open(tmp_path / f"bpe_{rollout}.json"))
+    print(res)
+    assert res["n"] == 64 and res["stops"] and res["eos_inside"] == 0 and res["ended"] > 0 and res["same_rewards"]
+    m = train([*GRPO, "--mode", "npo", "--bootstrap_delta", "2", "--ring_every", "2", "--model", bpe_sft_model,
+               "--steps", "3", "--rollout", rollout], tmp_path / "npo")
+    assert [(e["reason"], e["step"]) for e in events(m)] == [("bootstrap", 2)] and len(steps_of(m)) == 5
+
+
+@SLOW
+def test_subword_tokenizer_in_the_vision_language_path(tmp_path):
+    """The VL path's text part with the BPE tokenizer (vision tokens as its specials): SFT and GRPO on image prompts."""
+    base = npo_data.build_tiny(str(tmp_path / "base"), vision=True, tokenizer=bpe_tokenizer(vision=True))
+    sft = train(["--mode", "sft", "--model", base, "--data", "count", "--sft_steps", "30", "--lr", "3e-3",
+                 "--eval_every", "30", "--eval_size", "8", "--eval_samples", "0"], tmp_path / "sft")
+    assert sft[-1]["sft_loss"] < sft[0]["sft_loss"]
+    m = train(["--mode", "grpo", "--model", str(tmp_path / "sft" / "model"), "--data", "count", "--steps", "2",
+               "--prompts_per_step", "8", "--group_size", "4", "--eval_size", "8", "--eval_samples", "0",
+               "--rollout", "hf"], tmp_path / "grpo")
+    assert len(steps_of(m)) == 2 and all(math.isfinite(r["loss"]) for r in steps_of(m))
 
 @SLOW
 @HAS_VLLM
@@ -2121,7 +2294,7 @@ def empty_rank_worker(out, data):
            "guide_empty": list(npo.sample_correct(trainer, [])), "cases": {}}
     ring = []
     for step in range(3):
-        npo.ring_push(ring, npo.take_snapshot(trainer.model, trainer.optim, trainer.sched, step), 6, args.ring_dir, step)
+        npo.ring_push(ring, trainer.model, trainer.optim, trainer.sched, step, 6, args.ring_dir, step)
     mine = [i for step in range(2) for i in npo_data.prompts_for_step(step, len(trainer.train_rows), 4, 0, rank, world)]
     success = [(0, mine[0], [5, 6], [-0.1, -0.2])]
     cases = {"pool_on_rank0": ([(s, i) for s in range(2) for i in mine] if rank == 0 else [], success if rank == 0 else []),
@@ -2705,4 +2878,4 @@ if __name__ == "__main__":  # worker entry points for the tests above (run as su
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
      "sync_worker": sync_worker, "gpu_check": gpu_check,
      "banned_worker": banned_worker, "distinct_worker": distinct_worker, "ppo_grads_worker": ppo_grads_worker,
-     "token_bench": token_bench}[sys.argv[1]](*sys.argv[2:])
+     "token_bench": token_bench, "reshard_worker": reshard_worker, "bpe_worker": bpe_worker}[sys.argv[1]](*sys.argv[2:])
