@@ -575,7 +575,7 @@ def _generate_hf(engine, prompts, spec, vision=None):
     warp = [] if greedy else [TemperatureLogitsWarper(spec.temperature), TopPLogitsWarper(spec.top_p)]
     out, per_call = [], max(1, spec.batch_size // spec.n)
     for s in range(0, len(prompts), per_call):
-        ids, mask = npo_data.left_pad(prompts[s:s + per_call], spec.pad_id)                   # [b, P]
+        ids, mask = npo_data.left_pad(prompts[s:s + per_call], spec.pad_id)          # [b, P]
         ids = ids.to(device)
         vis = npo_data.vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
         chosen, last = [], []  # one step's [b*n, V] log-probs at a time, never all R of them
