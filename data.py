@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import re
 import string
 
 import torch
@@ -325,9 +326,10 @@ def load_file(path):
     return rows
 
 
-def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.15):
+def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.15, n_train=None):
     """(train_rows, eval_rows) for `--data` / `--eval_data`: a task name or a file path.
-    A file without a separate eval file is split by prompt hash."""
+    A file without a separate eval file is split by prompt hash. n_train: only the first n training
+    rows (a small set whose prompts recur every few steps)."""
     if spec in _GENERATORS:
         train, evals = make_task(spec, difficulty, n_eval=n_eval, eval_frac=eval_frac)
     else:
@@ -342,7 +344,7 @@ def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.1
         train = [r for r in train if prompt_text(r) not in held]  # never train on eval prompts
     if not train:
         raise DataError(f"{spec}: no training rows left after the eval split")
-    return train, evals[:n_eval]
+    return train[:n_train], evals[:n_eval]
 
 
 def sft_response(row):
@@ -351,9 +353,30 @@ def sft_response(row):
     return row.get("solution", row["answer"])
 
 
-def sft_target(tokenizer, row):
-    """A row's reference response as token ids, EOS included (the SFT target, the external source)."""
-    return tokenizer(sft_response(row), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def teacher_response(row):
+    """A distant teacher's solution of a product 'a*b=?': another valid procedure than mulsteps' scratchpad, which
+    the SFT base never saw (place values left to right with a running sum), e.g. 5343*6:
+    '5000*6=30000 +1800=31800 +240=32040 +18=32058'. None for any other prompt. Parsed, never evaluated."""
+    text = row["messages"][-1]["content"] if row.get("task") == "math" else None
+    m = re.fullmatch(r"(\d+)\*(\d+)=\?", text) if isinstance(text, str) else None
+    if not m:
+        return None
+    a, b = m[1].lstrip("0") or "0", int(m[2])
+    parts = [int(d + "0" * (len(a) - 1 - k)) for k, d in enumerate(a) if d != "0"] or [0]
+    out, total = [f"{parts[0]}*{b}={parts[0] * b}"], parts[0] * b
+    for p in parts[1:]:
+        total += p * b
+        out.append(f"+{p * b}={total}")
+    return " ".join(out)
+
+
+def sft_target(tokenizer, row, teacher=False):
+    """A row's reference response as token ids, EOS included (the SFT target, the external source), or with
+    `teacher` the distant teacher's (empty when the row has none)."""
+    text = teacher_response(row) if teacher else sft_response(row)
+    if text is None:
+        return []
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 # =============================================================================================

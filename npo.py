@@ -62,6 +62,7 @@ import verifier
 
 hf_logging.disable_progress_bar()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+SOURCES = ("future", "past", "external", "teacher", "self")  # where guide samples come from (section 10)
 
 
 # ======== 1. Arguments =========================================================================
@@ -90,6 +91,7 @@ def parse_args(argv=None):
     g.add_argument("--difficulty", default=None, help="synthetic task difficulty, e.g. '3x1' for mul")
     g.add_argument("--eval_data", default=None, help="held-out file; default: a hash split of --data")
     g.add_argument("--eval_size", type=int, default=1000, help="held-out prompts used for evaluation")
+    g.add_argument("--train_size", type=int, default=None, help="train on the first N rows only (prompts that recur)")
     g.add_argument("--max_prompt_tokens", type=int, default=None, help="a longer prompt stops the run before training; "
                    "default 128 embedded, 4096 otherwise")
     g.add_argument("--filter_overlong_prompts", action="store_true", help="drop rows over --max_prompt_tokens instead")
@@ -132,9 +134,11 @@ def parse_args(argv=None):
     g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"], help="guide tokens' ratio: none "
                    "= to old log-probs, as every token; clip = pi_theta / pi_guide, clipped; shape = LUFFY's p / (p + 0.1)")
     g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (injection and Q)")
-    g.add_argument("--guide_source", default="future", choices=["future", "past", "external"], help="future: theta_t "
-                   "(NPO, rollbacks); past: earlier successes (replay); external: reference solutions (LUFFY-like), "
-                   "the last two at every step without rollbacks (--mode npo)")
+    g.add_argument("--guide_source", default="future", choices=SOURCES, help="future: theta_t (NPO, rollbacks); "
+                   "without rollbacks (--mode npo): past: earlier successes (replay); external: the SFT references; "
+                   "teacher: another procedure the base never saw (a distant teacher); self: the learner's m extra")
+    g.add_argument("--guide_steps", type=int, default=0, help="past / external / teacher / self: inject in the first "
+                   "N steps only (0: all); self with NPO's bootstrap Delta as N is its Delta = 0 control")
     g.add_argument("--replay_size", type=int, default=4096, help="past successes kept per rank")
     g.add_argument("--bootstrap_delta", type=int, default=0, help="npo: at step Delta, roll back to 0 (bootstrapping)")
     g.add_argument("--breakthrough_at", type=int, default=0, help="npo: at this step, roll back --breakthrough_delta")
@@ -259,7 +263,7 @@ class Trainer:
     train_prompts: list = None       # their chat prompts as token ids
     eval_rows: list = None
     eval_prompts: list = None
-    references: dict = field(default_factory=dict)  # the external source's solutions, made once per row
+    references: dict = field(default_factory=dict)  # {external / teacher: {row: solutions}}, made once per row
     resumed: dict = None             # the checkpoint's extras when the run resumed
 
 @dataclass
@@ -1090,7 +1094,8 @@ def select_delta(table, min_delta=1, z=2.0):
     return best, None
 
 
-# ---- the sources: near future (theta_t), past successes (replay), external (reference) --------
+# ---- the sources: near future (theta_t), past successes (replay), external references and a distant teacher, the
+# learner itself (Delta = 0: the control that separates "more samples" from "samples of the near future") --------
 def sample_correct(trainer, rows_idx):
     """m verified samples per prompt from the policy the engine holds (the guide theta_t, or a learner
     theta_s: what it solves itself). Returns ({row: [correct (ids, logps)]}, generated tokens)."""
@@ -1111,14 +1116,15 @@ def past_solutions(replay, rows_idx, m, before=None):
             out[row].append((ids, lps))
     return out
 
-def reference_solutions(trainer, rows_idx):
-    """The external source (LUFFY-like): each row's reference solution as SFT writes it, with
-    log pi_source = 0 on every token (a teacher whose probabilities are unknown); none for a row
-    whose reference the verifier rejects. Made once per row."""
-    tok, cache = trainer.tokenizer, trainer.references
+def reference_solutions(trainer, rows_idx, source="external"):
+    """An external source (LUFFY-like), log pi_source = 0 on every token (a teacher whose probabilities are unknown):
+    external, each row's reference as SFT wrote it (the learner's own style); teacher, a solution by a procedure the
+    SFT base never saw (data.teacher_response: a distant teacher). None for a row without one or whose solution the
+    verifier rejects. Made once per row."""
+    tok, cache = trainer.tokenizer, trainer.references.setdefault(source, {})
     new = sorted(set(rows_idx) - cache.keys())
     if new:
-        sols = [npo_data.sft_target(tok, trainer.train_rows[i]) for i in new]
+        sols = [npo_data.sft_target(tok, trainer.train_rows[i], source == "teacher") for i in new]
         ok = score_responses(tok, [trainer.train_rows[i] for i in new], [(ids, None) for ids in sols], 1)
         cache.update({i: [(ids, [0.0] * len(ids))] if r >= 1 else [] for i, ids, r in zip(new, sols, ok)})
     return {i: list(cache[i]) for i in set(rows_idx)}
@@ -1160,10 +1166,11 @@ def source_qv(trainer, solutions, q_rows, learner_solved):
 def qvs_table(trainer, state, t, candidates):
     """Q, V and S of each source for the learner at each ring snapshot s = t - Delta (loaded into trainer and
     engine); its failures are the mistake-pool prompts of steps [s, s + ring_every). Sources: future = the guide
-    theta_t (m samples per prompt, log pi_guide scored by the trainer before any snapshot is loaded), past = the
-    learner's successes before s, external = the references. Only future rows choose Delta; the baselines, measured
-    once (largest Delta), share the Q-V map. Leaves the last candidate loaded. Returns (table, this rank's generated
-    and scored tokens; the table's scored_tokens are all ranks' and counted by the caller)."""
+    theta_t (m samples per prompt, log pi_guide scored by the trainer before any snapshot is loaded); measured once
+    (largest Delta) on the same map: past = the learner's successes before s, self = m more samples of the learner
+    (Delta = 0: Q ~ 0, V ~ 1), external / teacher = reference_solutions. Only future rows choose Delta. Leaves the
+    last candidate loaded. Returns (table, this rank's generated and scored tokens; the table's scored_tokens are
+    all ranks' and counted by the caller)."""
     a = trainer.args
     windows = {s: [r for step, r in state.mistake_pool if s <= step < s + a.ring_every] for s in candidates}
     rows = sorted({r for w in windows.values() for r in w})
@@ -1174,10 +1181,14 @@ def qvs_table(trainer, state, t, candidates):
         load_state(ring_path(state.ring, s, a.ring_dir), trainer.model, rng=False)
         sync_weights(trainer.engine, trainer.model)
         learner, n = sample_correct(trainer, windows[s])
-        generated += n
         solved = {r: bool(v) for r, v in learner.items()}
-        sources = [("future", future)] + ([("past", past_solutions(state.replay, rows, a.guide_samples, s)),
-                                           ("external", reference_solutions(trainer, rows))] if s == min(candidates) else [])
+        sources = [("future", future)]
+        if s == min(candidates):  # self: m more samples of the learner, independent of those that define its failures
+            again, n2 = sample_correct(trainer, windows[s])
+            n += n2
+            sources += [("past", past_solutions(state.replay, rows, a.guide_samples, s)), ("self", again),
+                        *((x, reference_solutions(trainer, rows, x)) for x in ("external", "teacher"))]
+        generated += n
         for source, sols in sources:
             table.append({"source": source, "delta": t - s, "snapshot": s, **source_qv(trainer, sols, windows[s], solved)})
     return table, generated, scored
@@ -1317,7 +1328,8 @@ def setup(args):
     path = model_path(args)
     tokenizer, processor = load_tokenizer(path), load_processor(path, args)
     try:
-        train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size)
+        train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size,
+                                                   n_train=args.train_size)
         encoded = []
         for rows, where in ((train_rows, args.data), (eval_rows, args.eval_data or f"{args.data} (eval split)")):
             encoded.append(npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
@@ -1530,18 +1542,25 @@ def track_step(trainer, state, step, rec, failed_rows, successes):
         state.history[key].append(val)
 
 def step_guide(trainer, state, step):
-    """The samples on offer to this step's failing groups: the near-future guide pool (until it
-    expires at the step the rollback came from), or the past / external source's for its prompts."""
+    """The samples on offer to this step's failing groups: the near-future guide pool (until it expires at the step
+    the rollback came from), or another source's for its prompts (in the first --guide_steps steps). self samples m
+    for every prompt of the step, as the guide pool does for every replayed one, and its compute is counted."""
     a = trainer.args
-    if a.mode == "grpo":
+    if a.mode == "grpo" or (a.guide_source != "future" and a.guide_steps and step >= a.guide_steps):
         return None
     if a.guide_source == "future":
         if step >= state.guide_until:
             state.guide_pool = {}
         return state.guide_pool
+    if a.guide_source == "self":
+        pool, n = sample_correct(trainer, step_rows(trainer, step))
+        n = int(all_reduce([n], trainer.device)[0])
+        state.generated_tokens += n
+        state.compute_flops += 2 * trainer.params * n
+        return pool
     if a.guide_source == "past":
         return past_solutions(state.replay, step_rows(trainer, step), a.guide_samples)
-    return reference_solutions(trainer, step_rows(trainer, step))
+    return reference_solutions(trainer, step_rows(trainer, step), a.guide_source)
 
 def run_rl(trainer):
     """GRPO, with NPO's manual interventions or AutoNPO's triggers on top. One step: ring snapshot

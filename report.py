@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sys
+from statistics import fmean
 
 # two-sided 95% Student t quantiles t_{0.975, df}; beyond df = 30 the normal 1.96 is within 4%
 T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
@@ -28,7 +29,7 @@ T975 = dict(enumerate([12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 
                        2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042], start=1))
 PAPER = {"grpo": 57.88, "npo": 62.84, "autonpo": 63.15, "early_speedup": 2.1,
          "setting": "Qwen3-VL-8B-Instruct, average of 8 multimodal reasoning benchmarks"}
-ORDER = ["grpo", "npo", "autonpo", "past", "external"]
+ORDER = ["grpo", "npo", "self", "autonpo", "breakthrough", "teacher", "past", "external"]
 
 
 # ---- metrics.jsonl: one JSON record a line, written by npo.py through these, read back below -----------
@@ -204,6 +205,50 @@ def first_reach(records, target):
     return None
 
 
+def cut(records, horizon):
+    """A run's records up to its first step past `horizon`: a longer run (GRPO continued) read at the others' length."""
+    out = []
+    for r in records:
+        if "event" not in r and r.get("step", 0) > horizon:
+            break
+        out.append(r)
+    return out
+
+
+def at_compute(records, flops):
+    """Held-out greedy accuracy of a run without rollbacks (GRPO continued) when it had spent `flops` of compute,
+    interpolated between its evaluations; None past its last evaluation."""
+    pts = [(x, a) for x, a, _ in eval_points(records, "compute_flops")]
+    if flops is None or not pts or flops > pts[-1][0] * (1 + 1e-9):
+        return None
+    for (x0, a0), (x1, a1) in zip(pts, pts[1:]):
+        if flops <= x1:
+            return a0 + (a1 - a0) * (flops - x0) / (x1 - x0) if x1 > x0 else a1
+    return pts[-1][1]
+
+
+def plateau_step(grpo_runs, window=30, max_rise=1e-3):
+    """Where GRPO plateaus: the first evaluated step t >= window at which the held-out accuracy over steps
+    [t - window, t], seeds pooled with an intercept each, has a least-squares slope whose 95% t-interval contains
+    0 and stays below max_rise per step (flat within noise, and the noise small enough to tell: a wide interval
+    around a rise is no plateau). Returns {"step", "slope", "se", ...} or None. Decided before any NPO run."""
+    curves = [dict((x, a) for x, a, _ in eval_points(rec, "step")) for rec in grpo_runs.values()]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    for t in (s for s in steps if s >= window):
+        xs = [v for v in steps if t - window <= v <= t]
+        xm = fmean(xs)
+        pts = [(x - xm, c[x] - fmean([c[v] for v in xs])) for c in curves for x in xs]  # centred per seed
+        sxx, dof = sum(x * x for x, _ in pts), len(pts) - len(curves) - 1
+        if dof < 1:
+            continue
+        b = sum(x * y for x, y in pts) / sxx
+        se = math.sqrt(sum((y - b * x) ** 2 for x, y in pts) / dof / sxx)
+        half = T975.get(dof, 1.96) * se
+        if b - half <= 0 <= b + half < max_rise:
+            return {"step": t, "slope": b, "se": se, "ci95": half, "window": window, "seeds": len(curves)}
+    return None
+
+
 def auc(records, last_step):
     """Mean held-out accuracy over steps 0..last_step (trapezoid over the surviving branch's
     evaluations, divided by last_step); None when the run stops before last_step."""
@@ -240,10 +285,16 @@ def _evals(rec):
     return [r for r in rec if "eval_greedy" in r and "event" not in r]
 
 
-def summarize_comparison(runs, baseline="grpo", auc_steps=50):
+def summarize_comparison(runs, baseline="grpo", auc_steps=50, horizon=None):
     """Per method: the protocol's metrics (mean and 95% CI over seeds, paired difference to the
     baseline on the same seeds), compute totals, interventions and injected samples; plus the
-    S(Delta) shape at every intervention."""
+    S(Delta) shape at every intervention. horizon: the comparison's length in optimizer steps (default: the
+    shortest other method's); a longer baseline run (GRPO continued) is read there for its own row, at each
+    method's last step for "same step", and at each method's total compute for "same compute"."""
+    others = [r["step"] for m, s in runs.items() if m != baseline for rec in s.values() for r in rec[-1:]]
+    horizon = horizon or min(others, default=max(r["step"] for rec in runs[baseline].values() for r in rec[-1:]))
+    full = runs[baseline]
+    runs = {**runs, baseline: {k: cut(rec, horizon) for k, rec in full.items()}}
     base = mean_ci95([_evals(rec)[0]["eval_greedy"] for s in runs.values() for rec in s.values()])[0]
     grpo_final = mean_ci95([_evals(rec)[-1]["eval_greedy"] for rec in runs[baseline].values()])[0]
     target = base + 0.5 * (grpo_final - base)
@@ -253,30 +304,36 @@ def summarize_comparison(runs, baseline="grpo", auc_steps=50):
         for k, rec in sorted(seeds.items()):
             reach = first_reach(rec, target) or {}
             last = [r for r in rec if "event" not in r][-1]
+            ref = full.get(k)
             rows[k] = {"final": _evals(rec)[-1]["eval_greedy"], "auc": auc(rec, auc_steps),
                        "steps_to_target": reach.get("step"), "flops_to_target": reach.get("compute_flops"),
                        "compute_steps_to_target": reach.get("compute_steps"),
                        "compute_flops": last.get("compute_flops"), "compute_steps": last.get("compute_steps"),
                        "steps": last["step"], "wall_s": last.get("wall_s"),
                        "interventions": sum(r.get("event") == "intervention" and "skipped" not in r for r in rec),
-                       "injected": sum(r.get("injected", 0) for r in rec if "event" not in r)}
+                       "injected": sum(r.get("injected", 0) for r in rec if "event" not in r),
+                       # GRPO continued, same seed: at this run's last step and at its total compute
+                       "grpo_same_step": ref and next((a for x, a, _ in eval_points(ref, "step") if x == last["step"]), None),
+                       "grpo_same_compute": ref and at_compute(ref, last.get("compute_flops"))}
         per_seed[method] = rows
-    metrics = ["final", "auc", "steps_to_target", "flops_to_target"]
+    metrics = ["auc", "steps_to_target", "flops_to_target"]
     out = {"baseline": baseline, "base_greedy": base, "grpo_final": grpo_final, "target_greedy": target,
-           "auc_steps": auc_steps, "methods": {}}
+           "auc_steps": auc_steps, "horizon": horizon, "methods": {}, "plateau": plateau_step(full)}
     for method, rows in per_seed.items():
         seeds = sorted(rows)
         col = lambda key: [rows[k][key] for k in seeds]  # noqa: E731
         m = {"seeds": seeds, "per_seed": rows,
              "reached_target": sum(v is not None for v in col("steps_to_target"))}
-        for key in metrics + ["compute_steps_to_target", "compute_flops", "compute_steps", "steps", "wall_s",
-                              "interventions", "injected"]:
+        for key in metrics + ["final", "compute_steps_to_target", "compute_flops", "compute_steps", "steps", "wall_s",
+                              "interventions", "injected", "grpo_same_compute"]:
             m[key] = ci(col(key))
         if method != baseline:
             ref = per_seed[baseline]
             both = [k for k in seeds if k in ref]
             m["vs_" + baseline] = {key: paired([rows[k][key] for k in both], [ref[k][key] for k in both])
                                    for key in metrics}
+            for key in ("same_step", "same_compute"):  # against GRPO continued to this run's step / compute
+                m["vs_" + baseline]["final_" + key] = paired(col("final"), col("grpo_" + key))
         out["methods"][method] = m
     out["qvs"] = qvs_shapes(runs)
     return out
@@ -310,7 +367,22 @@ def qvs_shapes(runs):
     wide = [t for t in tables if t["shape"] != "fewer than 3 candidates"]
     return {"interventions": len(tables), "with_3plus_deltas": len(wide),
             "interior_peak": sum(t["shape"] == "interior" for t in wide),
-            "future_best_source": sum(t["future_best"] for t in tables), "tables": tables}
+            "future_best_source": sum(t["future_best"] for t in tables), "tables": tables,
+            "by_source": qv_by_source(tables)}
+
+
+def qv_by_source(tables):
+    """The Q-V map in numbers: each source's Q, ln V and S over every intervention that measured it (mean and 95%
+    interval); the near future once per Delta ("future D30"), the others (measured at the largest Delta) by name."""
+    vals = {}
+    for t in tables:
+        for x in t["table"]:
+            key = f"future D{x['delta']}" if x["source"] == "future" else x["source"]
+            log_v = x.get("log_V") if x.get("log_V") is not None else (math.log(x["V"]) if x.get("V") else None)
+            for name, v in (("Q", x.get("Q")), ("log_V", log_v), ("S", x.get("S"))):
+                vals.setdefault(key, {}).setdefault(name, []).append(v)
+    order = lambda k: (k.startswith("future"), int(k[8:]) if k.startswith("future") else 0, k)  # noqa: E731
+    return {k: {name: ci(v) for name, v in vals[k].items()} for k in sorted(vals, key=order)}
 
 
 # Dense bf16 FLOP/s of one GPU, by torch.cuda.get_device_name(); the first name it contains wins ("NVIDIA H100
@@ -350,26 +422,29 @@ def _fmt(d, p=3, scale=1.0):
 
 
 def comparison_table(summary):
-    """Two markdown tables (also the README's): per method, then paired differences to GRPO."""
+    """Two markdown tables (also the README's): per method, then paired differences to GRPO, whose run is
+    continued past the others so that each method meets it at the same step and at the same compute."""
     auc_steps, flops = summary["auc_steps"], 1e12
-    head = (f"| method | final acc | AUC steps 0-{auc_steps} | steps to target | compute to target (TFLOP) "
-            "| total compute (TFLOP) | interventions | injected |")
+    head = (f"| method | steps | final acc | GRPO at its compute | AUC steps 0-{auc_steps} | steps to target "
+            "| compute to target (TFLOP) | total compute (TFLOP) | interventions | injected |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for method, r in summary["methods"].items():
         n = len(r["seeds"])
         reached = "" if r["reached_target"] == n else f" ({r['reached_target']}/{n} seeds)"
-        lines.append(f"| {method} | {_fmt(r['final'])} | {_fmt(r['auc'])} | {_fmt(r['steps_to_target'], 0)}{reached} | "
+        lines.append(f"| {method} | {_fmt(r['steps'], 0)} | {_fmt(r['final'])} | {_fmt(r['grpo_same_compute'])} | "
+                     f"{_fmt(r['auc'])} | {_fmt(r['steps_to_target'], 0)}{reached} | "
                      f"{_fmt(r['flops_to_target'], 1, flops)} | {_fmt(r['compute_flops'], 1, flops)} | "
                      f"{_fmt(r['interventions'], 1)} | {_fmt(r['injected'], 0)} |")
     base = summary["baseline"]
-    head = (f"| method - {base} (paired, same seeds) | final acc | AUC steps 0-{auc_steps} | steps to target "
-            "| compute to target (TFLOP) |")
+    head = (f"| method - {base} (paired, same seeds) | final, {base} at the same step | final, {base} at the same "
+            f"compute | AUC steps 0-{auc_steps} | steps to target | compute to target (TFLOP) |")
     lines += ["", head, "|" + "---|" * (head.count("|") - 1)]
     for method, r in summary["methods"].items():
         if method == base:
             continue
         cells = []
-        for key, p, scale in (("final", 3, 1), ("auc", 3, 1), ("steps_to_target", 1, 1), ("flops_to_target", 1, flops)):
+        for key, p, scale in (("final_same_step", 3, 1), ("final_same_compute", 3, 1), ("auc", 3, 1),
+                              ("steps_to_target", 1, 1), ("flops_to_target", 1, flops)):
             d = r["vs_" + base][key]
             verdict = "" if d["mean"] is None or d["n"] < 2 else (" " if d["excludes_0"] else " (null)")
             cells.append(f"{'+' if (d['mean'] or 0) > 0 else ''}{_fmt(d, p, scale)}{verdict}"
@@ -422,10 +497,14 @@ def plot_curves(runs, summary, path):
     plt.close(fig)
 
 
+SOURCE_NAMES = {"past": "past (replay)", "self": "self (Delta 0)", "external": "external (SFT references)",
+                "teacher": "teacher (distant)"}
+
+
 def plot_qvs(qvs, path):
     """Left: S(Delta) of the near-future guide at every intervention (one line each; the chosen Delta
-    circled). Right: Q against V for the three kinds of source at the intervention with the most
-    candidates, lines of equal S = Q / V dashed."""
+    circled). Right: the Q-V map: each source's Q against ln V (the near future per Delta), mean and 95% interval
+    over the interventions that measured it, lines of equal S = Q / V dashed."""
     import numpy as np
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -446,23 +525,29 @@ def plot_qvs(qvs, path):
     left.set_title("S(Delta) at each intervention (circle: the Delta chosen)", fontsize=10)
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    tab = max(qvs["tables"], key=lambda t: (len(t["S_by_delta"]), -t["step"]))
-    log_v = lambda x: x["log_V"] if x.get("log_V") is not None else math.log(x["V"])  # noqa: E731  (older tables)
-    for i, source in enumerate(("future", "past", "external")):
-        rows = sorted((x for x in tab["table"] if x["source"] == source and x["V"]), key=lambda x: x["delta"])
-        right.plot([log_v(x) for x in rows], [x["Q"] for x in rows], "o-", color=f"C{i}", label=source)
-        for x in rows if source == "future" else []:
-            right.annotate(f"Δ{x['delta']}", (log_v(x), x["Q"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    by, labelled = qvs["by_source"], set()
+    for key, d in by.items():
+        if d["log_V"]["mean"] is None or d["Q"]["mean"] is None:
+            continue
+        x, y, name = d["log_V"]["mean"], d["Q"]["mean"], SOURCE_NAMES.get(key, "future (near, by Delta)")
+        color = f"C{1 + list(SOURCE_NAMES).index(key)}" if key in SOURCE_NAMES else "C0"
+        right.errorbar([x], [y], xerr=[d["log_V"]["ci95"] or 0], yerr=[d["Q"]["ci95"] or 0], fmt="o", color=color,
+                       capsize=3, label=None if name in labelled else name)
+        labelled.add(name)
+        right.annotate(key.replace("future ", "").replace("D", "Δ") if key.startswith("future") else key, (x, y),
+                       textcoords="offset points", xytext=(4, 4), fontsize=8)
+    right.set_xscale("symlog", linthresh=0.1)
     lo, hi = right.get_xlim()
-    v = np.linspace(lo, hi, 50)
+    v = np.linspace(max(lo, -1.0), hi, 200)
     for level in (0.1, 0.3, 1.0):
         right.plot(v, level * np.exp(v), "--", color="gray", alpha=0.4, linewidth=0.8)
     right.set_xlim(lo, hi)
-    qs = [x["Q"] for x in tab["table"]]
-    right.set_ylim(min([0.0] + qs) - 0.05, max([1.0] + qs) + 0.05)  # the data's, not the S = const curves
-    right.set_xlabel("ln V = Var(log w) over whole trajectories (0 = on-policy)")
+    qs = [d["Q"]["mean"] for d in by.values() if d["Q"]["mean"] is not None]
+    right.set_ylim(min([0.0] + qs) - 0.05, max([0.5] + qs) + 0.05)  # the data's, not the S = const curves
+    right.set_xlabel("ln V = Var(log w) over whole trajectories (0 = on-policy; symlog axis)")
     right.set_ylabel("Q = excess solve rate on the learner's failed prompts")
-    right.set_title(f"{tab['run']}, step {tab['step']} ({tab['reason']}); dashed: S = 0.1, 0.3, 1", fontsize=10)
+    right.set_title(f"every source, mean and 95% CI over {qvs['interventions']} interventions; "
+                    "dashed: S = 0.1, 0.3, 1", fontsize=10)
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.tight_layout()
@@ -470,12 +555,12 @@ def plot_qvs(qvs, path):
     plt.close(fig)
 
 
-def write_report(root, command=""):
+def write_report(root, command="", horizon=None):
     """results.json, the printed tables, curves.png and qvs.png for the comparison under `root`."""
     runs = load_comparison(root)
     if "grpo" not in runs:
         sys.exit(f"report: no grpo_seed<k>/metrics.jsonl under {root}: the paired statistics need GRPO")
-    summary = summarize_comparison(runs)
+    summary = summarize_comparison(runs, horizon=horizon)
     summary["throughput"] = {m: throughput(seeds[min(seeds)]) for m, seeds in runs.items()}
     summary.update(command=command, paper=PAPER, machine=f"{os.cpu_count()} CPU cores, device "
                    + str(summary["throughput"]["grpo"]["device"]))
@@ -484,13 +569,19 @@ def write_report(root, command=""):
     plot_curves(runs, summary, os.path.join(root, "curves.png"))
     if summary["qvs"]["tables"]:
         plot_qvs(summary["qvs"], os.path.join(root, "qvs.png"))
-    print(f"base (SFT) {summary['base_greedy']:.3f}, GRPO final {summary['grpo_final']:.3f}, "
+    print(f"base (SFT) {summary['base_greedy']:.3f}, GRPO at step {summary['horizon']} {summary['grpo_final']:.3f}, "
           f"target (base + 50% of GRPO's gain) {summary['target_greedy']:.3f}")
+    pl = summary["plateau"]
+    print("GRPO's plateau: " + (f"step {pl['step']} (slope over the {pl['window']} steps before {pl['slope']:+.5f} "
+                                f"± {pl['se']:.5f} SE per step, {pl['seeds']} seeds)" if pl else "none found"))
     print(comparison_table(summary))
     q = summary["qvs"]
     print(f"S(Delta) interior at {q['interior_peak']} of {q['with_3plus_deltas']} interventions with >= 3 "
           f"candidates ({q['interventions']} in all); near-future source highest S at the chosen Delta in "
           f"{q['future_best_source']} of {q['interventions']}")
+    print("the Q-V map (every source; mean ± 95% CI over the interventions that measured it):")
+    for key, d in q["by_source"].items():
+        print(f"  {key:>12}: Q {_fmt(d['Q'])}, ln V {_fmt(d['log_V'], 2)}, S {_fmt(d['S'])} (n={d['Q']['n']})")
     for t in q["tables"]:
         s = ", ".join(f"{d}: {v:.3f}" for d, v in sorted(t["S_by_delta"].items()) if v is not None)
         print(f"  {t['run']} step {t['step']} ({t['reason']}): S(Delta) {{{s}}} -> "
@@ -508,7 +599,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", help="the comparison's directory: <method>_seed<k>/metrics.jsonl for each run")
     p.add_argument("command", nargs="*", help="the command that made it (written into results.json)")
+    p.add_argument("--horizon", type=int, default=None, help="the comparison's length in steps (GRPO is read there); "
+                   "default: the shortest other run's")
     a = p.parse_args()
     if not os.path.isdir(a.runs):
         p.error(f"{a.runs}: no such directory (bash run.sh writes runs/compare)")
-    write_report(a.runs, " ".join(a.command))
+    write_report(a.runs, " ".join(a.command), a.horizon)

@@ -112,17 +112,20 @@ compare() {
   # sizes: full (the fair test of the README: scratchpad multiplication, the regime chosen on GRPO
   # alone), quick (a smoke test of the whole pipeline), mul (the earlier bare-answer comparison),
   # gpu (run.sh gpu)
-  local steps ev es boot brk_at=0 brk=0 auto="" ring=10 sft sft_steps
+  # steps: the early comparison (npo's bootstrapping, self); long: GRPO continued (to the others' compute);
+  # plateau: the step the README's protocol measured GRPO's plateau at (0: none), where breakthrough rolls back brk
+  # and AutoNPO runs to plateau + after
+  local steps ev es boot brk_at=0 brk=0 auto="" ring=10 sft sft_steps long plateau=0 after=30
   case $size in
-    full)  steps=100 ev=10 es=2000 boot=30 sft=runs/sft_mulsteps sft_steps=150
+    full)  steps=60 long=120 plateau=${PLATEAU:-60} brk=20 ev=10 es=2000 boot=20 sft=runs/sft_mulsteps sft_steps=150
            SFT_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-3)
-           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4) ;;
-    quick) steps=24 ev=6 es=100 boot=6 brk_at=18 brk=6 auto="--trigger_window 4 --cooldown 8 --max_interventions 2"
-           ring=3 sft="$out/sft" sft_steps=200
+           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4 --train_size 1024) ;;
+    quick) steps=24 long=36 plateau=18 after=6 ev=6 es=100 boot=6 brk=6 ring=3 sft="$out/sft" sft_steps=200
+           auto="--trigger_window 4 --cooldown 8 --max_interventions 2"
            SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1) ;;
-    mul)   steps=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 sft=runs/sft sft_steps=800
+    mul)   steps=150 long=150 ev=10 es=1000 boot=30 brk_at=110 brk=30 sft=runs/sft sft_steps=800
            auto="--trigger_window 15 --cooldown 40 --max_interventions 2" ;;
-    gpu)   steps=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 sft=runs/gpu/sft sft_steps=600
+    gpu)   steps=100 long=100 ev=10 es=1000 boot=20 brk_at=70 brk=20 sft=runs/gpu/sft sft_steps=600
            auto="--trigger_window 10 --cooldown 30 --max_interventions 2"
            SFT_FLAGS+=(--model runs/gpu/base --data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4
                        --sft_batch_size 256)
@@ -131,24 +134,29 @@ compare() {
     *) echo "unknown size $size"; exit 2 ;;
   esac
   [ -n "$seeds" ] || seeds=$([ $size = mul ] && echo 0,1,2 || echo 0)
+  local late=$((plateau ? plateau + after : long))
   # longest first (AutoNPO replays steps), so that two at a time finish together
-  [ -n "$methods" ] || methods=$([ $size = mul ] && echo autonpo,npo,grpo || echo autonpo,npo,grpo,external)
+  [ -n "$methods" ] || methods=$([ $size = mul ] && echo autonpo,npo,grpo || echo grpo,autonpo,breakthrough,npo,self)
+  [ $plateau != 0 ] || methods=${methods//breakthrough/}
   sft_base "$sft" $sft_steps "${SFT_FLAGS[@]}"
   mkdir -p "$out"
-  local common=(--model "$sft/model" --steps $steps --eval_every $ev --eval_size $es --eval_samples 0
-                --ring_every $ring --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}" "$@")
+  local common=(--model "$sft/model" --eval_every $ev --eval_size $es --eval_samples 0 --ring_every $ring
+                --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}")
   local npo="--mode npo --bootstrap_delta $boot"
   [ $brk_at = 0 ] || npo+=" --breakthrough_at $brk_at --breakthrough_delta $brk"
-  declare -A flags=(
-    [grpo]="--mode grpo"
-    [npo]="$npo"
-    [autonpo]="--mode autonpo $auto"
-    [past]="--mode npo --guide_source past"
-    [external]="--mode npo --guide_source external")
+  declare -A flags=(  # every method's steps first: flags after the options ("$@") come last and win
+    [grpo]="--steps $long --mode grpo"
+    [npo]="--steps $steps $npo"
+    [self]="--steps $steps --mode npo --guide_source self --guide_steps $boot"
+    [autonpo]="--steps $late --mode autonpo $auto"
+    [breakthrough]="--steps $late --mode npo --breakthrough_at $plateau --breakthrough_delta $brk"
+    [teacher]="--steps $steps --mode npo --guide_source teacher"
+    [past]="--steps $steps --mode npo --guide_source past"
+    [external]="--steps $steps --mode npo --guide_source external")
   local jobs=() m seed
-  for seed in ${seeds//,/ }; do
-    for m in ${methods//,/ }; do
-      [ -n "${flags[$m]:-}" ] || { echo "unknown method $m (grpo, npo, autonpo, past, external)"; exit 2; }
+  for m in ${methods//,/ }; do  # method by method (GRPO's runs first: the plateau is measured on them)
+    for seed in ${seeds//,/ }; do
+      [ -n "${flags[$m]:-}" ] || { echo "unknown method $m (${!flags[*]})"; exit 2; }
       jobs+=("$m $seed")
     done
   done
@@ -159,7 +167,7 @@ compare() {
     read -r m seed <<<"$job"
     local dir="$out/${m}_seed$seed"
     if [ -f "$dir/summary.json" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
-    ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py ${flags[$m]} --seed "$seed" --out "$dir" "${common[@]}" \
+    ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py ${flags[$m]} --seed "$seed" --out "$dir" "${common[@]}" "$@" \
         > "$dir.log" 2>&1 && echo "   $m seed $seed: done, $(tail -1 "$dir.log" | cut -c1-150)" \
         || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; exit 1; } ) &
     pids+=($!)
@@ -167,7 +175,7 @@ compare() {
   done
   while [ -n "$(jobs -rp)" ]; do progress "$out"; sleep 5; done
   for job in "${pids[@]}"; do wait "$job" || exit 1; done
-  $PY report.py "$out" "bash run.sh $ARGS"
+  $PY report.py "$out" --horizon $steps "bash run.sh $ARGS"
   echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
 }
 

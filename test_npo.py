@@ -1081,6 +1081,39 @@ def test_mulsteps_scratchpad_is_long_multiplication_and_verified():
         npo_data.make_task("mulsteps", "3x2", n_train=2, n_eval=0)
 
 
+def test_teacher_writes_another_valid_procedure_the_scratchpad_never_shows():
+    """The distant teacher (data.teacher_response): every step checked by integer arithmetic here (place values
+    left to right, a running sum ending at the product), accepted by the verifier, and sharing no step with the
+    SFT scratchpad; no teacher for a prompt that is not 'a*b=?'."""
+    rows = npo_data.make_task("mulsteps", "4x1", n_train=300, n_eval=0)[0] + npo_data.make_task("mul", "3x1", n_train=50,
+                                                                                                n_eval=0)[0]
+    for r in rows:
+        a, b = (int(x) for x in r["messages"][0]["content"].rstrip("=?").split("*"))
+        text = npo_data.teacher_response(r)
+        first, *adds = text.split()
+        place, prod = first.split("=")
+        p, bb = (int(x) for x in place.split("*"))
+        assert bb == b and int(prod) == p * b and str(p)[0] == str(a)[0] and set(str(p)[1:]) <= {"0"}
+        total, parts = int(prod), [p]
+        for step in adds:
+            add, run_total = step.lstrip("+").split("=")
+            total += int(add)
+            assert int(run_total) == total and int(add) % b == 0
+            parts.append(int(add) // b)
+        assert sum(parts) == a and total == a * b and len(text) + 1 <= 48  # fits the fair test's --max_new_tokens
+        assert verifier.reward(text, r) == 1.0 and not set(text.split()) & set(r.get("solution", "").split())
+    assert npo_data.teacher_response({**rows[0], "messages": [{"role": "user", "content": "5003*6=?"}]}) == "5000*6=30000 +18=30018"
+    cd = npo_data.make_task("countdown", n_train=1, n_eval=0)[0][0]
+    assert npo_data.teacher_response(cd) is None and npo_data.sft_target(None, cd, teacher=True) == []
+    assert npo_data.teacher_response({"task": "math", "messages": [{"role": "user", "content": "__import__('os')*2=?"}]}) is None
+
+
+def test_train_size_keeps_the_first_rows():
+    full, ev = npo_data.load_data("mul", n_eval=50)
+    small, ev2 = npo_data.load_data("mul", n_eval=50, n_train=64)
+    assert small == full[:64] and ev == ev2
+
+
 def test_gsm8k_file_loads():
     train, evals = npo_data.load_data(shared("gsm8k_test.jsonl"), n_eval=10_000)
     assert len(train) + len(evals) == 1319
@@ -1373,6 +1406,13 @@ def test_reference_solutions_are_verified_with_unit_source_probability(world_of_
     for i in range(4):
         ids, lps = sols[i][0]
         assert tok.decode(ids, skip_special_tokens=True) == rows[i]["answer"] and ids[-1] == tok.eos_token_id
+        assert lps == [0.0] * len(ids)
+    trainer = npo.Trainer(tokenizer=tok, train_rows=rows)
+    teacher = npo.reference_solutions(trainer, [0, 1, 2, 3, 4], "teacher")
+    assert teacher[3] == teacher[4] == [] and set(trainer.references) == {"teacher"}  # countdown: no teacher
+    for i in range(3):
+        ids, lps = teacher[i][0]
+        assert tok.decode(ids, skip_special_tokens=True) == npo_data.teacher_response(rows[i]) != rows[i]["answer"]
         assert lps == [0.0] * len(ids)
 
 
@@ -2371,6 +2411,26 @@ def test_past_source_trains_through_the_same_injection(sft_model, tmp_path):
     assert p.returncode == 2 and "--guide_source past injects at every step" in p.stderr
 
 
+@SLOW
+def test_self_source_is_the_learners_own_extra_samples_with_their_compute(sft_model, tmp_path):
+    """--guide_source self (the Delta = 0 control) in the first --guide_steps steps: each injected sample is a
+    correct one in place of an incorrect one (mixed accuracy = on-policy accuracy + injected / n), and the
+    m samples per prompt it drew are counted in generated tokens and compute (at least one token each), exactly
+    as NPO's guide pool is; after --guide_steps nothing is drawn or injected."""
+    m = train([*GRPO, "--mode", "npo", "--guide_source", "self", "--guide_steps", "2", "--guide_samples", "3",
+               "--model", sft_model, "--steps", "4", "--no_save_model"], tmp_path)
+    steps, params = steps_of(m), m[0]["params"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and not events(m)
+    prev = {"generated_tokens": 0, "compute_flops": 0.0}
+    for r in steps:
+        extra = r["generated_tokens"] - prev["generated_tokens"] - r["step_tokens"]
+        assert (extra >= 3 * 8) if r["step"] <= 2 else (extra == 0 and r["injected"] == 0)
+        own = r["train_flops"] + 2 * params * (r["step_tokens"] + r["prompt_tokens"])
+        assert r["compute_flops"] - prev["compute_flops"] == pytest.approx(own + 2 * params * extra)
+        assert r["accuracy_mixed"] == pytest.approx(r["accuracy"] + r["injected"] / 32)
+        prev = r
+
+
 VL_TASK = ["--data", "count", "--difficulty", "3", "--eval_size", "12", "--eval_samples", "2"]
 
 
@@ -2498,13 +2558,73 @@ def test_summary_target_and_paired_metrics_on_synthetic_runs():
     assert n["vs_grpo"]["steps_to_target"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert n["vs_grpo"]["steps_to_target"]["ci95"] == pytest.approx(12.706 * abs(diffs[0] - diffs[1]) / 2)
     assert n["vs_grpo"]["flops_to_target"]["mean"] == pytest.approx(100 * sum(diffs) / 2)
-    assert n["vs_grpo"]["final"]["mean"] == pytest.approx((0.42 - 0.4 + 0.55 - 0.6) / 2)
+    assert n["vs_grpo"]["final_same_step"]["mean"] == pytest.approx((0.42 - 0.4 + 0.55 - 0.6) / 2)
     assert n["final"]["n"] == 2 and g["reached_target"] == 2
     assert n["auc"]["mean"] == pytest.approx(((0.2 + 0.36) / 2 + (0.36 + 0.4) / 2 + (0.4 + 0.42) / 2
                                               + (0.2 + 0.4) / 2 + (0.4 + 0.5) / 2 + (0.5 + 0.55) / 2) / 6)
     assert "| npo |" in report.comparison_table(s)
     one = report.summarize_comparison({m: {0: r[0]} for m, r in runs.items()}, auc_steps=30)
     assert report._fmt(one["methods"]["npo"]["final"]) == "0.420 (n=1)"  # one seed: no interval, no verdict
+
+
+def test_grpo_continued_is_read_at_the_same_step_and_the_same_compute():
+    """GRPO runs 60 steps, the other method 30 at twice the compute per step: GRPO's own row is read at step 30,
+    "same step" at 30 and "same compute" at GRPO's step 60 (compute 2 x 30), each by hand; a run with more compute
+    than GRPO ever spent has no same-compute value."""
+    grpo = {k: _run({0: 0.2, 10: 0.3, 20: 0.4, 30: 0.5 + k / 10, 40: 0.5, 50: 0.6, 60: 0.7}) for k in (0, 1)}
+    npo_runs = {k: _run({0: 0.2, 10: 0.5, 20: 0.55, 30: 0.6}, seed_flops=200) for k in (0, 1)}
+    s = report.summarize_comparison({"grpo": grpo, "npo": npo_runs}, auc_steps=30)
+    assert s["horizon"] == 30 and s["grpo_final"] == pytest.approx(0.55)  # (0.5 + 0.6) / 2 at step 30, not 60
+    n = s["methods"]["npo"]
+    assert [n["per_seed"][k]["grpo_same_step"] for k in (0, 1)] == pytest.approx([0.5, 0.6])
+    assert [n["per_seed"][k]["grpo_same_compute"] for k in (0, 1)] == pytest.approx([0.7, 0.7])
+    assert n["vs_grpo"]["final_same_compute"]["mean"] == pytest.approx(0.6 - 0.7)
+    assert report.at_compute(grpo[0], 100 * 45) == pytest.approx(0.55)  # halfway between steps 40 and 50
+    assert report.at_compute(grpo[0], 100 * 61) is None and report.at_compute(grpo[0], None) is None
+    assert [r["step"] for r in report.cut(grpo[0], 30)] == [0, 10, 20, 30]
+    assert "| final, grpo at the same step | final, grpo at the same compute |" in report.comparison_table(s)
+
+
+def test_plateau_step_finds_the_flat_stretch_of_known_curves():
+    """Curves that rise 0.01 a step to step 60 and are flat after, plus a per-seed offset and noise of known
+    size: the plateau is the first step whose last 30 steps' pooled slope is within its 95% interval of 0,
+    found at 90 (the window [60, 90] is the first wholly flat one); a curve that keeps rising has none."""
+    rng = random.Random(0)
+    noise = lambda: rng.gauss(0, 0.003)  # noqa: E731
+    curve = lambda k, rise: {s: 0.1 * k + 0.01 * min(s, rise) + noise() for s in range(0, 151, 10)}  # noqa: E731
+    got = report.plateau_step({k: _run(curve(k, 60)) for k in range(5)})
+    assert got["step"] == 90 and abs(got["slope"]) <= 2.0 * got["se"] + 1e-12 and got["seeds"] == 5
+    assert report.plateau_step({k: _run(curve(k, 1000)) for k in range(5)}) is None
+    # one seed whose rise hides in its noise (4 points, 2 degrees of freedom): the interval holds 0 but reaches
+    # past 1e-3 per step, so no plateau is claimed; the same stretch with little noise is one
+    wobbly = {0: _run({0: 0.25, 10: 0.28, 20: 0.29, 30: 0.37, 40: 0.45})}
+    assert report.plateau_step(wobbly) is None
+    assert report.plateau_step({0: _run({0: 0.25, 10: 0.3, 20: 0.3, 30: 0.3, 40: 0.3})})["step"] == 40
+    # the slope and its SE against numpy's least squares with one intercept per seed (a dummy-variable design)
+    import numpy as np
+    runs = {k: _run(curve(k, 60)) for k in range(3)}
+    xs, ys, rows = [60, 70, 80, 90], [], []
+    for k, rec in runs.items():
+        acc = {r["step"]: r["eval_greedy"] for r in rec}
+        for x in xs:
+            rows.append([x] + [float(j == k) for j in range(3)])
+            ys.append(acc[x])
+    A, y = np.array(rows), np.array(ys)
+    beta, res, *_ = np.linalg.lstsq(A, y, rcond=None)
+    cov = res[0] / (len(y) - 4) * np.linalg.inv(A.T @ A)
+    got = report.plateau_step(runs)
+    assert got["step"] == 90 and got["slope"] == pytest.approx(beta[0]) and got["se"] == pytest.approx(math.sqrt(cov[0, 0]))
+
+
+def test_qv_map_by_source_averages_every_intervention():
+    t1 = [{"source": "future", "delta": 10, "Q": 0.2, "V": 2.0, "log_V": math.log(2.0), "S": 0.1},
+          {"source": "teacher", "delta": 10, "Q": 0.9, "V": None, "log_V": 40.0, "S": 0.0}]
+    t2 = [{"source": "future", "delta": 10, "Q": 0.4, "V": 1.0, "log_V": 0.0, "S": 0.4},
+          {"source": "self", "delta": 10, "Q": 0.0, "V": 1.0, "log_V": 0.0, "S": 0.0}]
+    by = report.qv_by_source([{"table": t1}, {"table": t2}])
+    assert list(by) == ["self", "teacher", "future D10"]
+    assert by["future D10"]["Q"]["mean"] == pytest.approx(0.3) and by["future D10"]["Q"]["n"] == 2
+    assert by["future D10"]["log_V"]["mean"] == pytest.approx(math.log(2) / 2) and by["teacher"]["log_V"]["mean"] == 40
 
 
 def test_qvs_shapes_interior_and_edges():
@@ -2542,7 +2662,8 @@ def test_run_sh_quick_writes_the_comparison(tmp_path):
     grpo = res["methods"]["grpo"]["final"]["mean"]
     assert res["target_greedy"] == pytest.approx(res["base_greedy"] + (grpo - res["base_greedy"]) / 2)
     tables = res["qvs"]["tables"]
-    assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "external"} for t in tables)
+    assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "self", "external", "teacher"}
+                          for t in tables)
     assert res["throughput"]["grpo"]["gen_tokens_per_s"] > 0 and res["throughput"]["grpo"]["params"] > 0
     for png in ("curves.png", "qvs.png"):
         with open(os.path.join(out, png), "rb") as f:
