@@ -74,7 +74,6 @@ def parse_args(argv=None):
     g.add_argument("--out", default="runs/npo", help="output directory (metrics.jsonl, checkpoints/, model/)")
     g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
     g.add_argument("--steps", type=int, default=None, help="training steps; default 300 embedded, 500 otherwise")
-
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="'tiny' / 'tiny-vl' (built from a config), a local directory or "
                    "a hub id (causal LMs; Qwen3-VL / Qwen2.5-VL)")
@@ -85,7 +84,6 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype of trainer (fp32 master "
                    "weights), engine and sync; default bf16 on GPU, fp32 on CPU")
     g.add_argument("--attn", default=None, help="attention; default flash_attention_2 on GPU when it imports, else sdpa")
-
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help=f"synthetic task {npo_data.TASKS} or a .jsonl/.json/.parquet")
     g.add_argument("--difficulty", default=None, help="synthetic task difficulty, e.g. '3x1' for mul")
@@ -97,7 +95,6 @@ def parse_args(argv=None):
     g.add_argument("--filter_overlong_prompts", action="store_true", help="drop rows over --max_prompt_tokens instead")
     g.add_argument("--chat_template_kwargs", type=json.loads, default={}, help="JSON object for the chat template (Qwen3: "
                    "'{\"enable_thinking\": false}'); the verifier reads answers after </think>")
-
     g = p.add_argument_group("rollout")
     g.add_argument("--prompts_per_step", type=int, default=None, help="prompts per step (all ranks); 32 embedded, 256")
     g.add_argument("--group_size", type=int, default=8, help="G: responses sampled per prompt")
@@ -110,7 +107,6 @@ def parse_args(argv=None):
     g.add_argument("--vllm_memory", type=float, default=0.5, help="GPU: share of memory vLLM may take while awake")
     g.add_argument("--tis_cap", type=float, default=2.0, help="on-policy tokens weighted by min(pi_old / pi_sampler, "
                    "cap): truncated importance sampling for the train/inference mismatch (0: off)")
-
     g = p.add_argument_group("loss")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate; default 3e-5 embedded (sft 1e-3), 1e-6")
     g.add_argument("--warmup_steps", type=int, default=0, help="linear learning-rate warm-up (optimizer steps)")
@@ -128,7 +124,6 @@ def parse_args(argv=None):
     g.add_argument("--micro_batch_tokens", type=int, default=None, help="... and tokens, padding included (0: no cap); "
                    "default 0 embedded, 16384")
     g.add_argument("--pack", action="store_true", help="padding-free micro-batches: sequences back to back (flash-attn)")
-
     g = p.add_argument_group("NPO: the near-future guide")
     g.add_argument("--gate", type=float, default=0.6, help="a group gets a guide sample when its accuracy is below this")
     g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"], help="guide tokens' ratio: none "
@@ -148,7 +143,6 @@ def parse_args(argv=None):
     g.add_argument("--ring_dir", default=None, help="where ring snapshots are written; default <out>/ring")
     g.add_argument("--keep_ring", action="store_true", help="keep the ring files when the run ends (12 B/param each)")
     g.add_argument("--pool_size", type=int, default=4096, help="mistake pool entries kept per rank")
-
     g = p.add_argument_group("AutoNPO")
     g.add_argument("--min_delta", type=int, default=None, help="smallest Delta considered; default --ring_every")
     g.add_argument("--z", type=float, default=2.0, help="roll back only if Q > z SE; stagnation: slope + z SE below it")
@@ -158,7 +152,6 @@ def parse_args(argv=None):
     g.add_argument("--sparse_threshold", type=float, default=0.6, help="sparse reward: share of all-wrong groups above this")
     g.add_argument("--cooldown", type=int, default=50, help="min training steps (compute) between interventions")
     g.add_argument("--max_interventions", type=int, default=3, help="AutoNPO interventions per run at most")
-
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at the start and end)")
     g.add_argument("--eval_samples", type=int, default=4, help="k: samples per eval prompt at the training temperature")
@@ -1247,17 +1240,6 @@ def intervene(trainer, state, t, deltas, reason):
 
 # ======== 11. AutoNPO triggers =================================================================
 # When to intervene, from the policy's own per-step history; which Delta is select_delta's choice.
-def slope_with_se(y):
-    """Least-squares slope of y against 0..n-1 and its standard error (n - 2 degrees of freedom, >= 1)."""
-    n = len(y)
-    xm, ym = (n - 1) / 2, sum(y) / n
-    sxx = sum((i - xm) ** 2 for i in range(n))
-    if not sxx:
-        return 0.0, 0.0
-    b = sum((i - xm) * (v - ym) for i, v in enumerate(y)) / sxx
-    rss = sum((v - ym - b * (i - xm)) ** 2 for i, v in enumerate(y))
-    return b, math.sqrt(rss / max(n - 2, 1) / sxx)
-
 def reward_stagnation(rewards, window, min_slope, z=2.0):
     """An event: the reward rose and has, with confidence, stopped. The last `window` rewards' slope plus z SE is
     below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before
@@ -1265,7 +1247,7 @@ def reward_stagnation(rewards, window, min_slope, z=2.0):
     if len(rewards) < 2 * window:
         return False
     last, prev = rewards[-window:], rewards[-2 * window:-window]
-    b, se = slope_with_se(last)
+    b, se = report.slope_with_se([list(enumerate(last))])
     return b + z * se < min_slope and fmean(last) - fmean(prev) > z * math.sqrt((variance(last) + variance(prev)) / window)
 
 def entropy_collapse(entropies, window, frac):

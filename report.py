@@ -1,20 +1,23 @@
 """The comparison's statistics and plots: a separate program over metrics files, no training code
 (npo.py writes its metrics.jsonl through open_metrics / write_metrics below).
 
-    python report.py runs/compare        # -> results.json, curves.png, qvs.png and a printed table
+    python report.py runs/compare [--horizon 60]   # -> results.json, curves.png, qvs.png and printed tables
 
 `runs/compare` holds one directory per method and seed, `<method>_seed<k>/metrics.jsonl`, as
 `bash run.sh` writes them (a finished or a partial comparison). The metrics follow the protocol in
-the README, fixed before the runs:
-- target = base + 50% of GRPO's mean gain (base: the held-out greedy accuracy at step 0, which is
-  the same SFT model for every run); optimizer steps and compute (model FLOPs, guide sampling and
-  Q / V scoring included) to the first evaluation at or above it by any model of the run, in compute
-  order (interpolated between evaluations);
-- area under the held-out curve over steps 0..`auc_steps`, as a mean accuracy;
-- final held-out accuracy;
-each as a mean over seeds with a 95% t-interval, and as the paired difference to GRPO on the same
-seeds with its 95% t-interval (an interval containing 0 is a null). S(Delta) at every intervention
-is counted interior when its argmax is neither the smallest nor the largest candidate Delta.
+the README, fixed before the runs. GRPO's run may be longer than the others' (GRPO continued): it is read at
+the horizon (the comparison's length in steps) for its own row, at each method's last step ("same step") and
+at each method's total compute ("same compute").
+- target = base + 50% of GRPO's mean gain at the horizon (base: the held-out greedy accuracy at step 0, the
+  same SFT model for every run); optimizer steps and compute (model FLOPs, guide sampling and Q / V scoring
+  included) to the first evaluation at or above it by any model of the run, in compute order (interpolated
+  between evaluations);
+- area under the held-out curve over steps 0..`auc_steps` (default: the horizon), as a mean accuracy;
+- final held-out accuracy, against GRPO at the same step and at the same compute;
+each as a mean over seeds with a 95% t-interval, and as the paired difference to GRPO (and NPO - self, the
+Delta = 0 control) on the same seeds with its 95% t-interval (an interval containing 0 is a null). S(Delta) at
+every intervention is counted interior when its argmax is neither the smallest nor the largest candidate Delta;
+the Q-V map averages each source's Q and ln V over the interventions; GRPO's plateau is plateau_step's.
 Needs numpy and matplotlib only.
 """
 import json
@@ -227,6 +230,26 @@ def at_compute(records, flops):
     return pts[-1][1]
 
 
+def slope_with_se(series):
+    """Least-squares slope through one or more series of (x, y) points, each with its own intercept (seeds pooled),
+    and its standard error on points - series - 1 degrees of freedom (at least 1); (0, 0) without spread in x.
+    npo's reward-stagnation trigger and GRPO's plateau read it.
+
+    >>> slope_with_se([[(0, 1), (1, 3), (2, 5)]])
+    (2.0, 0.0)
+    """
+    centred = []
+    for pts in series:
+        xm, ym = fmean(x for x, _ in pts), fmean(y for _, y in pts)
+        centred += [(x - xm, y - ym) for x, y in pts]
+    sxx = sum(x * x for x, _ in centred)
+    if not sxx:
+        return 0.0, 0.0
+    b = sum(x * y for x, y in centred) / sxx
+    dof = max(len(centred) - len(series) - 1, 1)
+    return b, math.sqrt(sum((y - b * x) ** 2 for x, y in centred) / dof / sxx)
+
+
 def plateau_step(grpo_runs, window=30, max_rise=1e-3):
     """Where GRPO plateaus: the first evaluated step t >= window at which the held-out accuracy over steps
     [t - window, t], seeds pooled with an intercept each, has a least-squares slope whose 95% t-interval contains
@@ -236,13 +259,10 @@ def plateau_step(grpo_runs, window=30, max_rise=1e-3):
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     for t in (s for s in steps if s >= window):
         xs = [v for v in steps if t - window <= v <= t]
-        xm = fmean(xs)
-        pts = [(x - xm, c[x] - fmean([c[v] for v in xs])) for c in curves for x in xs]  # centred per seed
-        sxx, dof = sum(x * x for x, _ in pts), len(pts) - len(curves) - 1
+        dof = len(xs) * len(curves) - len(curves) - 1
         if dof < 1:
             continue
-        b = sum(x * y for x, y in pts) / sxx
-        se = math.sqrt(sum((y - b * x) ** 2 for x, y in pts) / dof / sxx)
+        b, se = slope_with_se([[(x, c[x]) for x in xs] for c in curves])
         half = T975.get(dof, 1.96) * se
         if b - half <= 0 <= b + half < max_rise:
             return {"step": t, "slope": b, "se": se, "ci95": half, "window": window, "seeds": len(curves)}
@@ -285,14 +305,19 @@ def _evals(rec):
     return [r for r in rec if "eval_greedy" in r and "event" not in r]
 
 
-def summarize_comparison(runs, baseline="grpo", auc_steps=50, horizon=None):
+CONTRASTS = [("npo", "self")]  # paired like the baseline's: the near future against Delta = 0 (the learner's own samples)
+
+
+def summarize_comparison(runs, baseline="grpo", auc_steps=None, horizon=None):
     """Per method: the protocol's metrics (mean and 95% CI over seeds, paired difference to the
     baseline on the same seeds), compute totals, interventions and injected samples; plus the
     S(Delta) shape at every intervention. horizon: the comparison's length in optimizer steps (default: the
     shortest other method's); a longer baseline run (GRPO continued) is read there for its own row, at each
-    method's last step for "same step", and at each method's total compute for "same compute"."""
+    method's last step for "same step", and at each method's total compute for "same compute". auc_steps: the
+    mean accuracy's span, default the horizon."""
     others = [r["step"] for m, s in runs.items() if m != baseline for rec in s.values() for r in rec[-1:]]
     horizon = horizon or min(others, default=max(r["step"] for rec in runs[baseline].values() for r in rec[-1:]))
+    auc_steps = auc_steps or horizon
     full = runs[baseline]
     runs = {**runs, baseline: {k: cut(rec, horizon) for k, rec in full.items()}}
     base = mean_ci95([_evals(rec)[0]["eval_greedy"] for s in runs.values() for rec in s.values()])[0]
@@ -313,7 +338,8 @@ def summarize_comparison(runs, baseline="grpo", auc_steps=50, horizon=None):
                        "interventions": sum(r.get("event") == "intervention" and "skipped" not in r for r in rec),
                        "injected": sum(r.get("injected", 0) for r in rec if "event" not in r),
                        # GRPO continued, same seed: at this run's last step and at its total compute
-                       "grpo_same_step": ref and next((a for x, a, _ in eval_points(ref, "step") if x == last["step"]), None),
+                       "grpo_same_step": ref and next((a for x, a, _ in eval_points(ref, "step") if x == last["step"]),
+                                                      None),
                        "grpo_same_compute": ref and at_compute(ref, last.get("compute_flops"))}
         per_seed[method] = rows
     metrics = ["auc", "steps_to_target", "flops_to_target"]
@@ -335,7 +361,18 @@ def summarize_comparison(runs, baseline="grpo", auc_steps=50, horizon=None):
             for key in ("same_step", "same_compute"):  # against GRPO continued to this run's step / compute
                 m["vs_" + baseline]["final_" + key] = paired(col("final"), col("grpo_" + key))
         out["methods"][method] = m
+    out["contrasts"] = {}
+    for a, b in (c for c in CONTRASTS if c[0] in per_seed and c[1] in per_seed):
+        both = [k for k in sorted(per_seed[a]) if k in per_seed[b]]
+        out["contrasts"][f"{a} - {b}"] = {key: paired([per_seed[a][k][key] for k in both], [per_seed[b][k][key] for k in both])
+                                          for key in ["final"] + metrics}
     out["qvs"] = qvs_shapes(runs)
+    # the protocol's preconditions: room to inject (GRPO's all-wrong share early), a plateau, replay not empty
+    early = [[r["all_wrong_share"] for r in rec if "all_wrong_share" in r and r["step"] <= 10] for rec in full.values()]
+    early = [fmean(x) if x else None for x in early]
+    past = [x["trajectories"] for t in out["qvs"]["tables"] for x in t["table"] if x["source"] == "past"]
+    out["preconditions"] = {"grpo_all_wrong_share_steps_1_10": ci(early), "plateau": out["plateau"],
+                            "past_trajectories_per_intervention": past}
     return out
 
 
@@ -571,10 +608,17 @@ def write_report(root, command="", horizon=None):
         plot_qvs(summary["qvs"], os.path.join(root, "qvs.png"))
     print(f"base (SFT) {summary['base_greedy']:.3f}, GRPO at step {summary['horizon']} {summary['grpo_final']:.3f}, "
           f"target (base + 50% of GRPO's gain) {summary['target_greedy']:.3f}")
+    pre = summary["preconditions"]
+    print(f"preconditions: GRPO's all-wrong share over steps 1-10 {_fmt(pre['grpo_all_wrong_share_steps_1_10'], 2)}; "
+          f"past source's trajectories at the interventions {pre['past_trajectories_per_intervention']}")
     pl = summary["plateau"]
     print("GRPO's plateau: " + (f"step {pl['step']} (slope over the {pl['window']} steps before {pl['slope']:+.5f} "
                                 f"± {pl['se']:.5f} SE per step, {pl['seeds']} seeds)" if pl else "none found"))
     print(comparison_table(summary))
+    for name, c in summary["contrasts"].items():
+        print(f"{name} (paired, same seeds): " + ", ".join(
+            f"{key} {_fmt(d, 3 if key in ('final', 'auc') else 1, 1e12 if key == 'flops_to_target' else 1)}"
+            + ("" if d["n"] < 2 or d["excludes_0"] else " (null)") for key, d in c.items()))
     q = summary["qvs"]
     print(f"S(Delta) interior at {q['interior_peak']} of {q['with_3plus_deltas']} interventions with >= 3 "
           f"candidates ({q['interventions']} in all); near-future source highest S at the chosen Delta in "

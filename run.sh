@@ -134,7 +134,8 @@ compare() {
     *) echo "unknown size $size"; exit 2 ;;
   esac
   [ -n "$seeds" ] || seeds=$([ $size = mul ] && echo 0,1,2 || echo 0)
-  local late=$((plateau ? plateau + after : long))
+  local late=$((plateau ? plateau + after : steps))  # no plateau: AutoNPO is met in the early comparison only
+  [ $plateau = 0 ] || long=$((long > late + brk + 10 ? long : late + brk + 10))  # GRPO continued past the breakthrough's compute
   # longest first (AutoNPO replays steps), so that two at a time finish together
   [ -n "$methods" ] || methods=$([ $size = mul ] && echo autonpo,npo,grpo || echo grpo,autonpo,breakthrough,npo,self)
   [ $plateau != 0 ] || methods=${methods//breakthrough/}
@@ -144,8 +145,8 @@ compare() {
                 --save_every 25 --no_save_model --quiet --resume "${RUN_FLAGS[@]}")
   local npo="--mode npo --bootstrap_delta $boot"
   [ $brk_at = 0 ] || npo+=" --breakthrough_at $brk_at --breakthrough_delta $brk"
-  declare -A flags=(  # every method's steps first: flags after the options ("$@") come last and win
-    [grpo]="--steps $long --mode grpo"
+  declare -A flags=(  # after the common flags (a method's own win), before the options' ("$@": they win over all)
+    [grpo]="--steps $long --mode grpo --save_every $ring --keep_checkpoints 1000"  # every ring step kept: see branch
     [npo]="--steps $steps $npo"
     [self]="--steps $steps --mode npo --guide_source self --guide_steps $boot"
     [autonpo]="--steps $late --mode autonpo $auto"
@@ -166,8 +167,14 @@ compare() {
   for job in "${jobs[@]}"; do
     read -r m seed <<<"$job"
     local dir="$out/${m}_seed$seed"
-    if [ -f "$dir/summary.json" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
-    ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py ${flags[$m]} --seed "$seed" --out "$dir" "${common[@]}" "$@" \
+    local want done_steps=-1
+    [[ ${flags[$m]} =~ --steps\ ([0-9]+) ]] && want=${BASH_REMATCH[1]}
+    [ -f "$dir/summary.json" ] && done_steps=$(grep -o '"steps": [0-9]*' "$dir/summary.json" | grep -o '[0-9]*$')
+    if [ "$done_steps" -ge "$want" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
+    [ "$done_steps" = -1 ] || echo "   $m seed $seed: ran $done_steps steps, continued to $want"
+    # the late comparison starts where GRPO plateaued: from GRPO's own checkpoint (branch)
+    case $m in breakthrough|autonpo) [ $plateau = 0 ] || branch "$out/grpo_seed$seed" "$dir" $((plateau - brk)) ;; esac
+    ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py "${common[@]}" ${flags[$m]} --seed "$seed" --out "$dir" "$@" \
         > "$dir.log" 2>&1 && echo "   $m seed $seed: done, $(tail -1 "$dir.log" | cut -c1-150)" \
         || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; exit 1; } ) &
     pids+=($!)
@@ -175,8 +182,25 @@ compare() {
   done
   while [ -n "$(jobs -rp)" ]; do progress "$out"; sleep 5; done
   for job in "${pids[@]}"; do wait "$job" || exit 1; done
-  $PY report.py "$out" --horizon $steps "bash run.sh $ARGS"
+  $PY report.py --horizon $steps "$out" "bash run.sh $ARGS"
   echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
+}
+
+branch() {
+  # The late comparison's runs (breakthrough, AutoNPO) start at GRPO's plateau: their first T - Delta steps are
+  # GRPO's (same seed, same data order and RNG), so each starts from GRPO's own checkpoint at the newest step
+  # <= T - Delta, a copy it resumes from (compute counted from step 0, GRPO's records kept); without one (or
+  # once it has a checkpoint of its own) it runs from step 0.
+  local src="$1" dst="$2" at="$3" ckpt
+  [ -d "$dst/checkpoints" ] && return
+  ckpt=$($PY -c "import json, os, sys; s, at = sys.argv[1], int(sys.argv[2]); d = os.path.join(s, 'checkpoints')
+c = sorted((json.load(open(os.path.join(d, n, 'meta.json')))['step'], n) for n in (os.listdir(d) if os.path.isdir(d) else [])
+           if os.path.isfile(os.path.join(d, n, 'meta.json')))
+print(max((x for x in c if x[0] <= at), default=(0, ''))[1])" "$src" "$at")
+  [ -n "$ckpt" ] || return 0
+  mkdir -p "$dst/checkpoints"
+  cp -r "$src/checkpoints/$ckpt" "$dst/checkpoints/" && cp "$src/metrics.jsonl" "$dst/"
+  echo "   $(basename "$dst"): starts from $src/checkpoints/$ckpt (GRPO's, same seed)"
 }
 
 progress() {

@@ -710,8 +710,8 @@ def test_slope_with_se_against_closed_form():
     b = sum((a - xm) * (c - ym) for a, c in zip(x, y)) / sum((a - xm) ** 2 for a in x)
     resid = [c - (ym + b * (a - xm)) for a, c in zip(x, y)]
     se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sum((a - xm) ** 2 for a in x))
-    assert npo.slope_with_se(y) == pytest.approx((b, se), rel=1e-12)
-    assert npo.slope_with_se([1, 3, 5, 7]) == pytest.approx((2.0, 0.0))
+    assert report.slope_with_se([list(enumerate(y))]) == pytest.approx((b, se), rel=1e-12)
+    assert report.slope_with_se([list(enumerate([1, 3, 5, 7]))]) == pytest.approx((2.0, 0.0))
 
 
 def test_stagnation_needs_evidence_not_a_timer():
@@ -794,7 +794,7 @@ def test_stagnation_fires_on_plateaus_not_on_noise():
         flat = [0.4 + rng.gauss(0, 0.1) for _ in range(40)]
         plateau = [min(0.1 + 0.02 * i, 0.4) + rng.gauss(0, 0.005) for i in range(40)]
         fired_flat += npo.reward_stagnation(flat, 20, 2e-3)
-        fired_bare += npo.slope_with_se(flat[-20:])[0] < 2e-3
+        fired_bare += report.slope_with_se([list(enumerate(flat[-20:]))])[0] < 2e-3
         fired_plateau += npo.reward_stagnation(plateau, 20, 2e-3)
     print(f"stagnation fired on noisy flat {fired_flat / 10:.1f}% (bare slope {fired_bare / 10:.1f}%), "
           f"on plateaus {fired_plateau / 10:.1f}%")
@@ -2583,6 +2583,9 @@ def test_grpo_continued_is_read_at_the_same_step_and_the_same_compute():
     assert report.at_compute(grpo[0], 100 * 61) is None and report.at_compute(grpo[0], None) is None
     assert [r["step"] for r in report.cut(grpo[0], 30)] == [0, 10, 20, 30]
     assert "| final, grpo at the same step | final, grpo at the same compute |" in report.comparison_table(s)
+    self_runs = {0: _run({0: 0.2, 10: 0.3, 20: 0.4, 30: 0.45}), 2: _run({0: 0.2, 30: 0.9})}  # seed 2: no npo pair
+    c = report.summarize_comparison({"grpo": grpo, "npo": npo_runs, "self": self_runs}, auc_steps=30)["contrasts"]
+    assert c["npo - self"]["final"]["mean"] == pytest.approx(0.6 - 0.45) and c["npo - self"]["final"]["n"] == 1
 
 
 def test_plateau_step_finds_the_flat_stretch_of_known_curves():
@@ -2645,25 +2648,29 @@ def test_qvs_shapes_interior_and_edges():
 
 @SLOW
 def test_run_sh_quick_writes_the_comparison(tmp_path):
-    """`bash run.sh --quick`: SFT base, GRPO / NPO / AutoNPO / the external source on one seed, then
-    report.py's results.json, curves.png and qvs.png; a second call keeps the finished runs and only
-    rewrites the report."""
+    """`bash run.sh --quick`: SFT base, GRPO (continued to 36 steps) / NPO / self / AutoNPO / the plateau
+    breakthrough on one seed, then report.py's results.json, curves.png and qvs.png; a second call keeps the
+    finished runs and only rewrites the report."""
     out = str(tmp_path / "compare")
     p = run(["bash", "run.sh", "--quick", "--out", out], timeout=900)
-    assert "| method | final acc |" in p.stdout and "| method - grpo (paired, same seeds) |" in p.stdout
+    assert "| method | steps | final acc |" in p.stdout and "| method - grpo (paired, same seeds) |" in p.stdout
     res = json.load(open(os.path.join(out, "results.json")))
-    assert list(res["methods"]) == ["grpo", "npo", "autonpo", "external"]
+    assert list(res["methods"]) == ["grpo", "npo", "self", "autonpo", "breakthrough"] and res["horizon"] == 24
     for name, m in res["methods"].items():
         assert m["seeds"] == [0] and 0 <= m["final"]["mean"] <= 1 and m["final"]["ci95"] == 0
-        assert m["steps"]["mean"] == 24
-    assert res["methods"]["npo"]["compute_steps"]["mean"] == 24 + 6 + 6  # two rollbacks of 6 steps
-    assert res["methods"]["npo"]["interventions"]["mean"] == 2
-    assert res["methods"]["external"]["interventions"]["mean"] == 0
+        assert m["steps"]["mean"] == 24  # GRPO's own row is read at the horizon
+    assert res["methods"]["npo"]["compute_steps"]["mean"] == 24 + 6  # one rollback of 6 steps
+    assert res["methods"]["breakthrough"]["compute_steps"]["mean"] == 24 + 6
+    assert res["methods"]["npo"]["interventions"]["mean"] == res["methods"]["breakthrough"]["interventions"]["mean"] == 1
+    assert res["methods"]["self"]["interventions"]["mean"] == 0 and res["methods"]["self"]["injected"]["mean"] >= 0
+    for m in ("npo", "self", "breakthrough"):  # GRPO ran 36 steps: every method is met at its compute
+        assert res["methods"][m]["per_seed"]["0"]["grpo_same_compute"] is not None
     grpo = res["methods"]["grpo"]["final"]["mean"]
     assert res["target_greedy"] == pytest.approx(res["base_greedy"] + (grpo - res["base_greedy"]) / 2)
     tables = res["qvs"]["tables"]
     assert tables and all({r["source"] for r in t["table"]} == {"future", "past", "self", "external", "teacher"}
                           for t in tables)
+    assert {"self", "external", "teacher"} <= set(res["qvs"]["by_source"])
     assert res["throughput"]["grpo"]["gen_tokens_per_s"] > 0 and res["throughput"]["grpo"]["params"] > 0
     for png in ("curves.png", "qvs.png"):
         with open(os.path.join(out, png), "rb") as f:
@@ -2671,7 +2678,7 @@ def test_run_sh_quick_writes_the_comparison(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     t = time.time()
     again = run(["bash", "run.sh", "--quick", "--out", out])
-    assert again.stdout.count("done before, kept") == 4 and time.time() - t < 60
+    assert again.stdout.count("done before, kept") == 5 and time.time() - t < 60
 
 
 # =============================================================================================
