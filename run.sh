@@ -117,7 +117,7 @@ compare() {
   # and AutoNPO runs to plateau + after
   local steps ev es boot brk_at=0 brk=0 auto="" ring=10 sft sft_steps long plateau=0 after=30
   case $size in
-    full)  steps=60 long=120 plateau=${PLATEAU:-60} brk=20 ev=10 es=2000 boot=20 sft=runs/sft_mulsteps sft_steps=150
+    full)  steps=60 long=120 plateau=${PLATEAU:-0} brk=20 ev=10 es=2000 boot=20 sft=runs/sft_mulsteps sft_steps=150
            SFT_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-3)
            RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4 --train_size 1024) ;;
     quick) steps=24 long=36 plateau=18 after=6 ev=6 es=100 boot=6 brk=6 ring=3 sft="$out/sft" sft_steps=200
@@ -168,7 +168,7 @@ compare() {
     read -r m seed <<<"$job"
     local dir="$out/${m}_seed$seed"
     local want done_steps=-1
-    [[ ${flags[$m]} =~ --steps\ ([0-9]+) ]] && want=${BASH_REMATCH[1]}
+    want=$(echo "${flags[$m]} $*" | grep -o -- '--steps [0-9]*' | tail -1 | grep -o '[0-9]*$')  # the last one wins
     [ -f "$dir/summary.json" ] && done_steps=$(grep -o '"steps": [0-9]*' "$dir/summary.json" | grep -o '[0-9]*$')
     if [ "$done_steps" -ge "$want" ]; then echo "   $m seed $seed: done before, kept"; continue; fi
     [ "$done_steps" = -1 ] || echo "   $m seed $seed: ran $done_steps steps, continued to $want"
