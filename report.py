@@ -393,13 +393,15 @@ def qvs_shapes(runs):
                 if len(fut) >= 3:
                     peak = max(range(len(fut)), key=lambda i: (fut[i]["S"] if fut[i]["S"] is not None else -1e9, -i))
                     shape = "interior" if 0 < peak < len(fut) - 1 else ("smallest Delta" if peak == 0 else "largest Delta")
-                chosen = {x["source"]: x["S"] for x in r["table"] if x["delta"] == r.get("delta")}
+                # the guide's S at the Delta chosen against every other source's (each measured once, at the largest)
+                chosen = {x["source"]: x["S"] for x in r["table"]
+                          if x["source"] != "future" or x["delta"] == r.get("delta")}
                 tables.append({"run": f"{method}_seed{seed}", "method": method, "step": r["step"],
                                "reason": r["reason"], "delta": r.get("delta"), "skipped": r.get("skipped"),
                                "S_by_delta": {x["delta"]: x["S"] for x in fut},
                                "Q_by_delta": {x["delta"]: x["Q"] for x in fut}, "shape": shape,
-                               "future_best": bool(chosen) and (chosen.get("future") or 0) > max(
-                                   (v or 0) for s, v in chosen.items() if s != "future"),
+                               "future_best": "future" in chosen and (chosen["future"] or 0) > max(
+                                   [(v or 0) for s, v in chosen.items() if s != "future"], default=0),
                                "table": r["table"]})
     wide = [t for t in tables if t["shape"] != "fewer than 3 candidates"]
     return {"interventions": len(tables), "with_3plus_deltas": len(wide),
@@ -625,7 +627,7 @@ def write_report(root, command="", horizon=None):
           f"{q['future_best_source']} of {q['interventions']}")
     print("the Q-V map (every source; mean ± 95% CI over the interventions that measured it):")
     for key, d in q["by_source"].items():
-        print(f"  {key:>12}: Q {_fmt(d['Q'])}, ln V {_fmt(d['log_V'], 2)}, S {_fmt(d['S'])} (n={d['Q']['n']})")
+        print(f"  {key:>12}: Q {_fmt(d['Q'])}, ln V {_fmt(d['log_V'], 2)}, S {_fmt(d['S'])} [{d['Q']['n']} interventions]")
     for t in q["tables"]:
         s = ", ".join(f"{d}: {v:.3f}" for d, v in sorted(t["S_by_delta"].items()) if v is not None)
         print(f"  {t['run']} step {t['step']} ({t['reason']}): S(Delta) {{{s}}} -> "

@@ -2223,8 +2223,8 @@ def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
                "--breakthrough_at", "5", "--breakthrough_delta", "2", "--ring_every", "2"], tmp_path)
     ev = events(m)
     assert [(e["reason"], e["step"], e["delta"]) for e in ev] == [("bootstrap", 2, 2), ("breakthrough", 5, 2)]
-    for e in ev:  # one candidate Delta, measured for the three kinds of source
-        assert [r["source"] for r in e["table"]] == ["future", "past", "external"]
+    for e in ev:  # one candidate Delta, measured for every kind of source
+        assert [r["source"] for r in e["table"]] == ["future", "past", "self", "external", "teacher"]
         assert all({"Q", "V", "log_V", "V_geomean", "S"} <= r.keys() and r["delta"] == 2 for r in e["table"])
         assert 0 <= e["guide_solved_share"] <= 1
     steps = steps_of(m)
@@ -2268,9 +2268,11 @@ def test_autonpo_single_process(sft_model, tmp_path):
     assert m[-1]["eval_flops"] > m[0]["eval_tokens"] > 0
     if "skipped" not in ev[0]:
         assert ev[0]["delta"] == max(table, key=lambda r: (r["S"], -r["delta"]))["delta"]
-    for r in ev[0]["table"]:  # the references are all correct: the external source solves every failed prompt
-        if r["source"] == "external":
+    for r in ev[0]["table"]:  # the references (and the teacher's) are all correct: they solve every failed prompt
+        if r["source"] in ("external", "teacher"):
             assert r["Q"] == pytest.approx(1.0 - r["learner_pass"] if r["pool_prompts"] else 0.0)
+        if r["source"] == "self":  # the learner's own samples, rescored by the learner: w = 1, V = 1 by construction
+            assert r["log_V"] is None or r["log_V"] < 1e-6
         assert r["V"] is None or r["V"] >= 1 - 1e-12
 
 
@@ -2471,7 +2473,7 @@ def test_vl_autonpo_torchrun_two_ranks(vl_sft_model, tmp_path, rollout):
     m = train([*GRPO, *VL_TASK, *AUTONPO, "--rollout", rollout, "--vision_frozen", "--model", vl_sft_model,
                "--steps", "5"], out, ranks=2)
     ev = events(m)
-    assert len(ev) == 1 and {r["source"] for r in ev[0]["table"]} == {"future", "past", "external"}
+    assert len(ev) == 1 and {r["source"] for r in ev[0]["table"]} == {"future", "past", "self", "external", "teacher"}
     assert all(abs(r["tis_ratio_max"] - 1) < 1e-4 for r in steps_of(m))
     assert _vision_params_changed(vl_sft_model, os.path.join(out, "model")) == (False, _had_signal(m))
 
@@ -2641,6 +2643,12 @@ def test_qvs_shapes_interior_and_edges():
     assert [t["shape"] for t in q["tables"]] == ["interior", "smallest Delta", "fewer than 3 candidates", "largest Delta"]
     assert q["interior_peak"] == 1 and q["with_3plus_deltas"] == 3 and q["interventions"] == 4
     assert q["future_best_source"] == 1  # only the last: 0.6 > the external 0.5
+    # the other sources are measured once, at the largest Delta: the guide's S at the chosen Delta meets theirs there
+    once = {"event": "intervention", "step": 40, "reason": "stagnation", "delta": 10,
+            "table": [{"source": "future", "delta": d, "S": v, "Q": v, "V": 1.0} for d, v in ((10, 0.6), (30, 0.1))]
+            + [{"source": "teacher", "delta": 30, "S": 0.5, "Q": 0.5, "V": 1.0}]}
+    assert report.qvs_shapes({"autonpo": {0: [once]}})["future_best_source"] == 1
+    assert report.qvs_shapes({"autonpo": {0: [{**once, "delta": 30}]}})["future_best_source"] == 0
     # a Delta below the run's --min_delta was never a candidate: the shape is judged without it
     below = {**event({5: 0.9, 10: 0.1, 20: 0.3, 30: 0.2}, 20), "min_delta": 10}
     assert report.qvs_shapes({"autonpo": {0: [below]}})["tables"][0]["shape"] == "interior"
