@@ -564,9 +564,12 @@ def plot_qvs(qvs, path):
     left.set_title("S(Delta) at each intervention (circle: the Delta chosen)", fontsize=10)
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    by, labelled = qvs["by_source"], set()
+    by, labelled, unplaced = qvs["by_source"], set(), 0
     for key, d in by.items():
-        if d["log_V"]["mean"] is None or d["Q"]["mean"] is None:
+        if d["log_V"]["mean"] is None or d["Q"]["mean"] is None:  # no trajectory to weigh (past: nothing to replay)
+            right.text(0.02, 0.03 + 0.05 * unplaced, f"{SOURCE_NAMES.get(key, key)}: no trajectories, V undefined "
+                       f"(Q {d['Q']['mean']:.2f})", transform=right.transAxes, fontsize=8, color="gray")
+            unplaced += 1
             continue
         x, y, name = d["log_V"]["mean"], d["Q"]["mean"], SOURCE_NAMES.get(key, "future (near, by Delta)")
         color = f"C{1 + list(SOURCE_NAMES).index(key)}" if key in SOURCE_NAMES else "C0"
@@ -577,7 +580,7 @@ def plot_qvs(qvs, path):
                        textcoords="offset points", xytext=(4, 4), fontsize=8)
     right.set_xscale("symlog", linthresh=0.1)
     lo, hi = right.get_xlim()
-    v = np.linspace(max(lo, -1.0), hi, 200)
+    v = np.linspace(max(lo, -1.0), min(hi, 3.0), 200)  # beyond ln V = 3 every S = const line is off the chart
     for level in (0.1, 0.3, 1.0):
         right.plot(v, level * np.exp(v), "--", color="gray", alpha=0.4, linewidth=0.8)
     right.set_xlim(lo, hi)

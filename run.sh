@@ -162,7 +162,8 @@ compare() {
     done
   done
   echo "== comparison: ${#jobs[@]} runs (methods $methods, seeds $seeds), ${JOBS:-2} at a time, logs in $out/"
-  local job pids=()
+  local job
+  rm -f "$out/FAILED"
   declare -A shown=()
   for job in "${jobs[@]}"; do
     read -r m seed <<<"$job"
@@ -176,12 +177,12 @@ compare() {
     case $m in breakthrough|autonpo) [ $plateau = 0 ] || branch "$out/grpo_seed$seed" "$dir" $((plateau - brk)) ;; esac
     ( OMP_NUM_THREADS=${CPU_THREADS:-1} $PY npo.py "${common[@]}" ${flags[$m]} --seed "$seed" --out "$dir" "$@" \
         > "$dir.log" 2>&1 && echo "   $m seed $seed: done, $(tail -1 "$dir.log" | cut -c1-150)" \
-        || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; exit 1; } ) &
-    pids+=($!)
+        || { echo "   $m seed $seed FAILED, see $dir.log:"; tail -5 "$dir.log"; touch "$out/FAILED"; exit 1; } ) &
     while [ "$(jobs -rp | wc -l)" -ge "${JOBS:-2}" ]; do progress "$out"; sleep 5; done
   done
   while [ -n "$(jobs -rp)" ]; do progress "$out"; sleep 5; done
-  for job in "${pids[@]}"; do wait "$job" || exit 1; done
+  wait  # (a failed run leaves $out/FAILED: `wait PID` on a run reaped long before is refused by bash)
+  [ ! -f "$out/FAILED" ] || { echo "== a run failed (above): no report"; exit 1; }
   $PY report.py --horizon $steps "$out" "bash run.sh $ARGS"
   echo "== wrote $out/results.json, $out/curves.png, $out/qvs.png"
 }
