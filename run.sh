@@ -119,7 +119,8 @@ compare() {
   case $size in
     full)  steps=60 long=120 plateau=${PLATEAU:-0} brk=20 ev=10 es=2000 boot=20 sft=runs/sft_mulsteps sft_steps=150
            SFT_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-3)
-           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4 --train_size 1024) ;;
+           RUN_FLAGS+=(--data mulsteps --difficulty 4x1 --max_new_tokens 48 --lr 1e-4 --train_size 1024
+                       --replay_size 16384) ;;  # an epoch of successes: the past source reaches a recurring prompt
     quick) steps=24 long=36 plateau=18 after=6 ev=6 es=100 boot=6 brk=6 ring=3 sft="$out/sft" sft_steps=200
            auto="--trigger_window 4 --cooldown 8 --max_interventions 2"
            SFT_FLAGS+=(--difficulty 2x1 --lr 3e-3) RUN_FLAGS+=(--difficulty 2x1) ;;
