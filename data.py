@@ -226,24 +226,32 @@ def _read_records(path):
         except Exception as e:  # pyarrow's own message says what is wrong with the file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
         return list(enumerate(table.to_pylist(), start=1))
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON ({e})") from None
-            if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of rows")
-            return list(enumerate(data, start=1))
-        out = []
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-        return out
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")  # (a UTF-8 byte-order mark is fine)
+    except UnicodeDecodeError as e:
+        row, utf16 = raw[:e.start].count(b"\n") + 1, raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"{path}:{row}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})"
+                        + ("; the file is UTF-16 (it starts with a byte-order mark)" if utf16 else "")
+                        + ": save it as UTF-8") from None
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of rows")
+        return list(enumerate(data, start=1))
+    out = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    return out
 
 
 def _gsm8k_answer(text):

