@@ -408,6 +408,28 @@ def prompts_for_step(step, n_rows, prompts_per_step, seed, rank, world):
     return idx[rank * per_rank:(rank + 1) * per_rank]
 
 
+def pack_trajectories(trajs):
+    """[(key, ids, logps)] -> flat tensors, as a checkpoint stores a pool of trajectories: torch.save writes a tensor in
+    one piece and torch.load(weights_only=True) reads it at memory speed, where the millions of Python numbers of a
+    real run's pools take minutes. ids as int32, log-probs as float32 (what the trainer and the engines compute).
+
+    >>> t = pack_trajectories([(7, [1, 2], [-0.5, -0.25]), (9, [3], [-1.0])])
+    >>> t["len"].tolist(), unpack_trajectories(t)
+    ([2, 1], [(7, [1, 2], [-0.5, -0.25]), (9, [3], [-1.0])])
+    """
+    return {"key": torch.tensor([k for k, _, _ in trajs], dtype=torch.int64),
+            "len": torch.tensor([len(ids) for _, ids, _ in trajs], dtype=torch.int64),
+            "ids": torch.tensor([t for _, ids, _ in trajs for t in ids], dtype=torch.int32),
+            "logps": torch.tensor([x for _, _, lps in trajs for x in lps], dtype=torch.float32)}
+
+
+def unpack_trajectories(t):
+    """The inverse of pack_trajectories."""
+    n = t["len"].tolist()
+    ids, lps = (t["ids"].split(n), t["logps"].split(n)) if n else ((), ())
+    return [(k, a.tolist(), b.tolist()) for k, a, b in zip(t["key"].tolist(), ids, lps)]
+
+
 def left_pad(seqs, pad_id, width=None):
     """[N, width] ids and attention mask, each sequence right-aligned (it ends where a response starts)."""
     width = width or max(len(s) for s in seqs)
@@ -535,6 +557,17 @@ def vision_kwargs(vision, input_ids, image_token_id, device):
     return {"pixel_values": torch.cat([v["pixel_values"] for v in vision]).to(device),
             "image_grid_thw": torch.cat([v["image_grid_thw"] for v in vision]).to(device),
             "mm_token_type_ids": (input_ids == image_token_id).long()}
+
+
+def blank_image_row(config, width):
+    """A row of `width` >= 3 token ids holding one blank image (its three vision tokens, then padding) and its
+    vision_inputs() entry. A micro-batch with no image carries it so that the vision tower runs on every rank: its
+    blocks are FSDP units, and ranks that run different units issue different collectives (and hang)."""
+    v, m = config.vision_config, config.vision_config.spatial_merge_size
+    row = torch.zeros(1, width, dtype=torch.long)
+    row[0, :3] = torch.tensor([config.vision_start_token_id, config.image_token_id, config.vision_end_token_id])
+    pixels = torch.zeros(m * m, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)  # m x m patches: one token
+    return row, {"images": None, "pixel_values": pixels, "image_grid_thw": torch.tensor([[1, m, m]])}
 
 
 def vision_token_ids(config):

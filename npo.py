@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from collections import namedtuple
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from statistics import NormalDist, fmean, variance
 
 import torch
@@ -106,7 +106,8 @@ def parse_args(argv=None):
     g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per HF generate() call")
     g.add_argument("--rollout", default="auto", choices=["auto", "vllm", "hf"], help="generation engine; auto: vllm "
                    "when installed, hf for the embedded model with answers of <= 32 tokens")
-    g.add_argument("--vllm_memory", type=float, default=0.5, help="GPU: share of memory vLLM may take while awake")
+    g.add_argument("--vllm_memory", type=float, default=None, help="GPU: share of the device vLLM takes while awake (weights, "
+                   "activations, KV cache); default what the trainer leaves: 1 - (12 B x N / ranks + 4 GiB) / memory")
     g.add_argument("--tis_cap", type=float, default=2.0, help="on-policy tokens weighted by min(pi_old / pi_sampler, "
                    "cap): truncated importance sampling for the train/inference mismatch (0: off)")
     g = p.add_argument_group("loss")
@@ -211,9 +212,9 @@ def gpus_unusable():
                           capture_output=True, text=True).stdout.strip().splitlines()
     if gpus:
         raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver), torch "
-                         f"{torch.__version__} (CUDA {torch.version.cuda}) none: PyPI's torch 2.13 needs driver >= 580 "
-                         "(CUDA 13); upgrade it, or pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/"
-                         "cu128 (CUDA 12 builds: drivers >= 525). CPU on purpose: CUDA_VISIBLE_DEVICES=")
+                         f"{torch.__version__} (CUDA {torch.version.cuda}) none: torch 2.13 and vllm 0.32.0 from PyPI (CUDA 13) "
+                         "need driver >= 580; bash run.sh setup says what works with an older one. CPU on purpose: "
+                         "CUDA_VISIBLE_DEVICES=")
 
 def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
@@ -272,7 +273,8 @@ class Trainer:
     processor: object = None         # VL: images -> pixel_values; None for a text model
     model: torch.nn.Module = None    # the policy, FSDP2-sharded, fp32 master weights
     ref_model: torch.nn.Module = None  # frozen initial policy, only with --kl_coef > 0
-    params: int = 0                  # N, for model FLOPs
+    params: int = 0                  # N (disk, logs); model FLOPs count flop_params
+    flop_params: tuple = (0, 0)      # (N_body, N_head): the matmuls per token of the decoder and of the LM head
     optim: torch.optim.Optimizer = None
     sched: object = None
     engine: dict = None              # rollout engine (make_engine)
@@ -348,11 +350,14 @@ def reduce_stats(stats, device):
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
     return dict(zip(keys, (sign * torch.where(ext, maxes, sums)).tolist()))
 
-def peak_memory(device):
-    """The trainer's peak GPU memory so far, in GB, max over ranks ({} on a CPU; vLLM's own pool is not in it)."""
-    if device.type != "cuda":
+def peak_memory(trainer):
+    """The trainer's own peak GPU memory since the engine last went to sleep, in GB, max over ranks ({} on a CPU).
+    torch's counters include the engine (vLLM's weights and KV cache are tensors in a pool that sleep only unmaps;
+    the HF engine's copy): what it held when built is taken off."""
+    if trainer.device.type != "cuda":
         return {}
-    return {"gpu_mem_peak_gb": all_reduce([torch.cuda.max_memory_allocated(device) / 1e9], device, "max")[0]}
+    peak = torch.cuda.max_memory_allocated(trainer.device) - trainer.engine["bytes"]
+    return {"gpu_mem_peak_gb": all_reduce([peak / 1e9], trainer.device, "max")[0]}
 
 def log0(*a):
     if dist.get_rank() == 0:
@@ -478,7 +483,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
                   distributed_executor_backend="external_launcher", tensor_parallel_size=1,
                   max_model_len=args.max_prompt_tokens + args.max_new_tokens,
                   logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's log-probs
-                  enforce_eager=device.type == "cpu", gpu_memory_utilization=args.vllm_memory,
+                  enforce_eager=device.type == "cpu", gpu_memory_utilization=args.vllm_memory or 0.5,  # (setup sizes it)
                   enable_sleep_mode=device.type == "cuda", enable_prefix_caching=True,
                   # a prefill split over engine steps rewinds a seeded sample's generator, which CPU
                   # generators cannot do ("CPU Generator does not use offset")
@@ -488,12 +493,14 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
             os.environ.pop(k, None)
     config = llm.llm_engine.model_config.hf_config
     runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner and device.type == "cuda" else "V1"  # (CPU: V1)
+    kv = llm.llm_engine.vllm_config.cache_config.num_gpu_blocks * llm.llm_engine.vllm_config.cache_config.block_size
     # VL: vision tokens never sampled, by a -1e9 bias as the trainer masks them (vLLM's OpenAI server floor, -100, is
     # no ban). Not allowed_token_ids: Model Runner V2 takes <= 1024 (gpu/sample/logit_bias.py), a real vocabulary 151k.
     banned = npo_data.vision_token_ids(config)
     return {"kind": "vllm", "llm": llm, "dtype": dtype, "sleep_mode": device.type == "cuda", "asleep": False,
             "vision": bool(mm), "image_token_id": getattr(config, "image_token_id", None),
-            "bias": {i: -1e9 for i in banned} or None, "runner": f"model runner {runner}"}
+            "bias": {i: -1e9 for i in banned} or None, "runner": f"model runner {runner}, KV cache for {kv:,} tokens: "
+            f"{kv // (args.max_prompt_tokens + args.max_new_tokens)} sequences of the longest prompt and response"}
 
 def vllm_control(engine, action, weights=None):
     """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0).
@@ -536,9 +543,12 @@ def sync_weights(engine, model):
         vllm_control(engine, "load", weights)
 
 def sleep_engine(engine):
-    """Free the engine's GPU memory for training (vLLM on GPU); the next sync_weights wakes it."""
+    """Free the engine's GPU memory for training (vLLM on GPU; the next sync_weights wakes it), and start counting the
+    trainer's peak memory (peak_memory)."""
     if engine["sleep_mode"]:
         vllm_control(engine, "sleep")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 def close_engine(engine):
     if engine["kind"] == "vllm":
@@ -789,16 +799,27 @@ def forward_logprobs(model, batch, idx, temperature, device, entropy=False, pack
     real, resp = col < length, (col >= p_len) & (col < length)                        # [n, W]
     ids = torch.zeros(real.shape, dtype=torch.long).masked_scatter(real, batch["input_ids"][idx][am.bool()])
     pos, rows = col.expand(real.shape), resp.roll(-1, dims=1)  # rows: predict a response token (column 0: a prompt's)
-    vis = npo_data.vision_kwargs([batch["vision"][i] for i in idx.tolist()], ids, model.config.image_token_id, device) \
-        if batch.get("vision") else {}
     targets = ids[resp].to(device)                                                    # [M], row-major as `rows`
+    vision = [batch["vision"][i] for i in idx.tolist()] if batch.get("vision") else []
+    blank = hasattr(model.config, "vision_config") and not any(vision)
+    if blank:  # no image here: one blank image in an extra row, so that every rank runs the vision tower's units
+        ids, real, rows = (torch.nn.functional.pad(x, (0, max(0, 3 - x.shape[1]))) for x in (ids, real, rows))
+        row, v = npo_data.blank_image_row(model.config, ids.shape[1])
+        ids, real, rows, vision = torch.cat([ids, row]), torch.cat([real, row > 0]), torch.cat([rows, row < 0]), [v]
+    vis = npo_data.vision_kwargs(vision, ids, model.config.image_token_id, device) if vision else {}
     if pack:
         ids, pos, rows = ids[real][None], pos[real][None], rows[real][None]
     banned, head = npo_data.vision_token_ids(model.config), model.get_output_embeddings()
-    linear, chunk = head.forward, max(1, LOGIT_CHUNK // head.out_features)
-    # the model calls its head inside its forward (where FSDP has gathered it): log-probs come back as its "logits"
-    head.forward = lambda h: torch.stack(head_logprobs(linear, h[rows.to(device)], targets, temperature, banned,
-                                                       entropy, chunk))
+    chunk = max(1, LOGIT_CHUNK // head.out_features)
+
+    def logprob_head(h):  # the model calls its head inside its forward, where FSDP has gathered it
+        # one fp32 copy of the weight that every chunk reads (cast to h's dtype): the chunks' weight gradients add up
+        # in fp32 and reach the bf16 parameter rounded once, not once per chunk (~37 at 16k tokens, 151k vocabulary)
+        w = head.weight.float() if torch.is_grad_enabled() else head.weight
+        linear = lambda x: torch.nn.functional.linear(x, w.to(x.dtype), head.bias)  # noqa: E731
+        out = torch.stack(head_logprobs(linear, h[rows.to(device)], targets, temperature, banned, entropy, chunk))
+        return out + 0 * h[-1].sum() if blank else out  # (the blank row's backward runs the units too)
+    head.forward = logprob_head  # log-probs come back as the model's "logits"
     try:
         out = model(input_ids=ids.to(device), attention_mask=None if pack else real.long().to(device),
                     position_ids=None if vis else pos.to(device),  # a VL model computes its M-RoPE positions
@@ -932,7 +953,8 @@ def save_state(path, model, optim, sched, step, extra=None, meta=None, crash="ch
 
 def load_state(path, model, optim=None, sched=None, rng=True):
     """Read a save_state of any number of ranks into the live model (and optimizer, scheduler, this rank's RNG if it
-    wrote one; weights_only: never arbitrary pickles). Returns (meta, the writing ranks' extras)."""
+    wrote one; weights_only: never arbitrary pickles). Returns (meta, {rank: extras}): this rank's alone when the number
+    of ranks is the same, every writer's otherwise."""
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
     state = {"model": get_model_state_dict(model)}
@@ -945,14 +967,15 @@ def load_state(path, model, optim=None, sched=None, rng=True):
         sched.load_state_dict(meta["sched"])
         for group, lr in zip(optim.param_groups, meta["sched"]["_last_lr"]):
             group["lr"] = lr
-    ranks = [torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=True) for r in range(meta["world_size"])]
-    if rng and dist.get_rank() < len(ranks):
+    mine = [dist.get_rank()] if meta["world_size"] == dist.get_world_size() else range(meta["world_size"])
+    ranks = {r: torch.load(os.path.join(path, f"rank{r}.pt"), weights_only=True) for r in mine}
+    if rng and dist.get_rank() in ranks:
         saved = ranks[dist.get_rank()]["rng"]
         torch.set_rng_state(saved["torch"])
         random.setstate(saved["python"])
         if torch.cuda.is_available() and "cuda" in saved:
             torch.cuda.set_rng_state(saved["cuda"])
-    return meta, [r["extra"] for r in ranks]
+    return meta, {r: x["extra"] for r, x in ranks.items()}
 
 def save_checkpoint(out, model, optim, sched, step, keep, compute, extra=None, ring=()):
     """checkpoints/c<compute> (save_state), named by the compute counter, which never goes back (the step does,
@@ -963,6 +986,24 @@ def save_checkpoint(out, model, optim, sched, step, keep, compute, extra=None, r
         for d in complete_checkpoints(out)[:-keep]:
             shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
+
+def pack_state(state):
+    """NPOState as a checkpoint stores it: the pools of trajectories (past successes, the guide pool) and the mistake
+    pool as tensors (data.pack_trajectories), which a resume reads in seconds at a real run's sizes."""
+    d = dict(vars(state))  # (not asdict: its deep copy of millions of numbers is what this avoids)
+    d["mistake_pool"] = torch.tensor(d["mistake_pool"], dtype=torch.int64).view(-1, 2)
+    d["replay"] = {"step": torch.tensor([e[0] for e in d["replay"]], dtype=torch.int64),
+                   **npo_data.pack_trajectories([e[1:] for e in d["replay"]])}
+    d["guide_pool"] = npo_data.pack_trajectories([(r, *x) for r, v in d["guide_pool"].items() for x in v])
+    return d
+
+def unpack_state(d):
+    """pack_state's inverse: the fields NPOState(**d) takes."""
+    guide = {}
+    for r, ids, lps in npo_data.unpack_trajectories(d["guide_pool"]):
+        guide.setdefault(r, []).append((ids, lps))
+    replay = [(s, *x) for s, x in zip(d["replay"]["step"].tolist(), npo_data.unpack_trajectories(d["replay"]))]
+    return {**d, "mistake_pool": [tuple(e) for e in d["mistake_pool"].tolist()], "replay": replay, "guide_pool": guide}
 
 def complete_checkpoints(out):
     """Complete checkpoint directories (renamed, with meta.json), oldest first."""
@@ -985,10 +1026,11 @@ def ring_path(ring, step, ring_dir):
     return os.path.join(ring_dir, next(e["name"] for e in ring if e["step"] == step))
 
 def ring_gc(ring, ring_dir, out=None):
-    """Delete (rank 0) the ring snapshots that no ring entry or complete checkpoint in `out` refers to, and
-    half-written ones (ring_gc([], ring_dir): all of them, as a finished run does)."""
+    """Delete (rank 0) the ring snapshots that neither the ring nor the newest complete checkpoint in `out` refers to
+    (a resume starts from that one; an older checkpoint resumes with the snapshots left), and half-written ones
+    (ring_gc([], ring_dir): all of them, as a finished run does). At most 2 x --ring_size + 1 are ever on disk."""
     keep = {e["name"] for e in ring}
-    for d in complete_checkpoints(out) if out else []:
+    for d in complete_checkpoints(out)[-1:] if out else []:
         try:
             with open(os.path.join(d, "meta.json")) as f:
                 keep |= set(json.load(f).get("ring", []))
@@ -998,20 +1040,30 @@ def ring_gc(ring, ring_dir, out=None):
         if name not in keep:
             shutil.rmtree(os.path.join(ring_dir, name), ignore_errors=True)
 
+def disk_needs(args, params, world):
+    """Bytes on disk at the peak, by where: a snapshot (ring slot or checkpoint) is 12 B/parameter (fp32 weights, two
+    Adam moments), and a checkpoint adds each rank's NPO pools (at most --replay_size past successes, the guide pool of
+    the longest rollback and the mistake pool; 8 B a token). At once: --keep_checkpoints + 1 checkpoints (one being
+    written); K = --ring_size live ring snapshots + 1 being written + the K the newest checkpoint names (ring_gc);
+    the final model, 4 B/parameter."""
+    snap, tokens = 12 * params, args.max_new_tokens + 1
+    guide = args.ring_every * (args.ring_size - 1) * args.prompts_per_step * args.guide_samples  # all ranks
+    pools = 8 * tokens * (world * args.replay_size + guide) + 16 * world * args.pool_size
+    ring = (2 * args.ring_size + 1 if args.save_every else args.ring_size + 1) * snap
+    return {"checkpoints": (args.keep_checkpoints + 1) * (snap + pools) * bool(args.save_every),
+            "model": 4 * params * (not args.no_save_model), "ring": ring * args.uses_ring}
+
 def check_disk(args, params, device):
-    """Stop at the start (every rank) a run whose files will not fit: a snapshot is 12 B/parameter (fp32 weights, two
-    Adam moments) x (--keep_checkpoints + --ring_size + 2 being written), the final model 4 B/parameter."""
-    snap, disks, msg = 12 * params, {}, ""
-    parts = [(args.out, "checkpoints", (args.keep_checkpoints + 1) * snap * bool(args.save_every)),
-             (args.out, "model", 4 * params * (not args.no_save_model))]
-    if args.uses_ring:
-        os.makedirs(args.ring_dir, exist_ok=True)
-        parts.append((args.ring_dir, "", (args.ring_size + 1) * snap))
-    for at, sub, n in parts:
-        held = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(at, sub)) for f in fs)
+    """Stop at the start (every rank) a run whose files will not fit on its disks (disk_needs; files a resumed run
+    replaces count as free)."""
+    disks, msg = {}, ""
+    for sub, n in disk_needs(args, params, dist.get_world_size()).items():
+        at, files = (args.ring_dir, args.ring_dir) if sub == "ring" else (args.out, os.path.join(args.out, sub))
+        os.makedirs(at, exist_ok=True)
+        held = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(files) for f in fs)
         disk = disks.setdefault(os.stat(at).st_dev, {"at": at, "need": 0, "parts": []})
         disk["need"] += n - held
-        disk["parts"].append(f"{sub or 'ring'} {n / 1e9:.2f} GB")
+        disk["parts"].append(f"{sub} {n / 1e9:.2f} GB")
     for d in disks.values():
         if d["need"] > shutil.disk_usage(d["at"]).free:
             msg = (f"error: the run needs {d['need'] / 1e9:.1f} GB more on the disk of {d['at']} ({', '.join(d['parts'])}"
@@ -1252,7 +1304,8 @@ def intervene(trainer, state, t, deltas, reason):
     generated, scored, pool_generated = all_reduce([generated, scored, pool_generated], device)
     scored += sum(r["scored_tokens"] for r in table)  # (all ranks' already)
     # model FLOPs, forward passes only: measuring Q / V (sampling and scoring), the replay's guide pool
-    rec.update(qv_flops=2 * trainer.params * (generated + scored), guide_flops=2 * trainer.params * pool_generated,
+    rec.update(qv_flops=model_flops(trainer, generated + scored, generated + scored),
+               guide_flops=model_flops(trainer, pool_generated, pool_generated),
                guide_tokens_generated=int(generated + pool_generated), scored_tokens=int(scored))
     state.generated_tokens += int(generated + pool_generated)
     state.compute_flops += rec["qv_flops"] + rec["guide_flops"]
@@ -1359,8 +1412,13 @@ def setup(args):
     t.optim = torch.optim.AdamW(t.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     t.sched = torch.optim.lr_scheduler.LambdaLR(t.optim, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     t.params = sum(p.numel() for p in t.model.parameters())
+    t.flop_params = flop_params(t)
     check_disk(args, t.params, device)
+    held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda" and args.vllm_memory is None:  # the trainer's sharded weights and AdamW stay resident
+        args.vllm_memory = 1 - (12 * t.params / world + 4 * 2**30) / torch.cuda.get_device_properties(device).total_memory
     t.engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
+    t.engine["bytes"] = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
     t.ref_model = load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None
     log0(f"npo | mode {args.mode} | model {args.model} ({t.params / 1e6:.2f}M params) | data {args.data}: {len(train_rows)} "
          f"train, {len(eval_rows)} eval | {world} rank(s) on {device.type} | rollout {args.rollout} ({t.engine['runner']})")
@@ -1376,8 +1434,9 @@ def resume_if_asked(trainer, gen=None):
         log0("resume: no complete checkpoint, starting from step 0")
         return 0
     meta, extras = load_state(ckpt, trainer.model, trainer.optim, trainer.sched)
-    if len(extras) == trainer.world:  # the same ranks: each continues exactly where it was
-        trainer.resumed = extras[trainer.rank]
+    extras = [{**x, "npo": unpack_state(x["npo"])} if x.get("npo") else x for x in extras.values()]
+    if meta["world_size"] == trainer.world:  # the same ranks: each continues exactly where it was
+        trainer.resumed = extras[0]
         if gen is not None:
             gen.set_state(trainer.resumed["shuffle_rng"])
     else:
@@ -1429,7 +1488,7 @@ def run_sft(trainer):
         loss = sft_loss(model, batch, denom, args, trainer.device)
         optimizer_step(model, trainer.optim, trainer.sched, args.grad_clip)
         rec = {"step": step + 1, "sft_loss": all_reduce([loss], trainer.device)[0] / trainer.world,
-               **peak_memory(trainer.device)}
+               **peak_memory(trainer)}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.sft_steps:
             sync_weights(trainer.engine, model)
             rec.update(evaluate(trainer))
@@ -1504,7 +1563,23 @@ def train_step(trainer, batch, gen):
     stats = ppo_update(trainer.model, trainer.optim, trainer.sched, batch, args, trainer.device, gen)
     return {**stats, **tis, "entropy_sum": float((ent * on_policy).sum()),  # of the policy's own samples
             "resp_tokens": float(on_policy.sum()), "train_tokens": float(batch["attention_mask"].sum()),
+            "head_tokens": float(batch["resp_mask"].sum()),  # where the LM head runs
             "train_s": time.time() - t}
+
+def flop_params(trainer):
+    """(N_body, N_head): the decoder's parameters (not the embedding, a lookup, nor the vision tower, which sees image
+    patches only) and the LM head's (counted once when tied to the embedding)."""
+    head, embed = trainer.model.get_output_embeddings().weight, trainer.model.get_input_embeddings().weight
+    vision = sum(p.numel() for p in getattr(trainer.model.model, "visual", torch.nn.Module()).parameters())
+    return trainer.params - embed.numel() - head.numel() * (head is not embed) - vision, head.numel()
+
+def model_flops(trainer, tokens, head_tokens, passes=1):
+    """Model FLOPs of `passes` forward passes (a backward counts as 2) over `tokens` through the decoder (2 N_body each)
+    and `head_tokens` through the LM head (2 N_head each). What runs: the embedding is a lookup, and the head scores
+    only response positions (trainer) and new tokens (sampler). Attention's FLOPs and the vision tower's are left
+    out (~10-30% more at 4-8k tokens), so an MFU from these is a lower bound."""
+    body, head = trainer.flop_params
+    return 2 * passes * (tokens * body + head_tokens * head)
 
 def step_metrics(trainer, step, batch, info, stats):
     """One step's metrics.jsonl record: everything reduced over ranks by merge_stats' rule."""
@@ -1530,16 +1605,16 @@ def step_metrics(trainer, step, batch, info, stats):
            "loss": tot["loss_sum"] / n_opt, "grad_norm": tot["grad_norm_sum"] / n_opt, "lr": trainer.args.lr,
            "generate_s": info["generate_s"], "score_s": info["score_s"], "train_s": stats["train_s"],
            "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
-           "train_tokens": int(tot["train_tokens"]), **peak_memory(trainer.device)}
+           "train_tokens": int(tot["train_tokens"]), **peak_memory(trainer)}
     if tot["guide_tokens"]:
         rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"),
                    ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
                    ratio_max_guide=tot["guide_ratio_max"], ratio_min_guide=tot["guide_ratio_min"])
     if trainer.args.kl_coef > 0:
         rec["kl"] = tot["kl_sum"] / n_opt
-    # model FLOPs of the training passes: 2N per token for the old (and reference) log-probs, 6N per epoch
-    a = trainer.args
-    rec["train_flops"] = rec["train_tokens"] * trainer.params * (2 + 6 * a.ppo_epochs + 2 * (a.kl_coef > 0))
+    a = trainer.args  # the training passes: old (and reference) log-probs, forward and backward per epoch
+    rec["train_flops"] = model_flops(trainer, rec["train_tokens"], tot["head_tokens"],
+                                     1 + 3 * a.ppo_epochs + (a.kl_coef > 0))
     return rec
 
 def track_step(trainer, state, step, rec, failed_rows, successes):
@@ -1548,7 +1623,8 @@ def track_step(trainer, state, step, rec, failed_rows, successes):
     a = trainer.args
     state.compute_steps += 1
     state.generated_tokens += rec["step_tokens"]
-    state.compute_flops += rec["train_flops"] + 2 * trainer.params * (rec["step_tokens"] + rec["prompt_tokens"])
+    state.compute_flops += rec["train_flops"] + model_flops(trainer, rec["step_tokens"] + rec["prompt_tokens"],
+                                                            rec["step_tokens"])  # (prefill scores no prompt position)
     state.mistake_pool = (state.mistake_pool + [(step, i) for i in failed_rows])[-a.pool_size:]
     state.replay = (state.replay + [(step, *x) for x in successes])[-a.replay_size:]
     for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]), ("all_wrong", rec["all_wrong_share"])):
@@ -1569,7 +1645,7 @@ def step_guide(trainer, state, step):
         pool, n = sample_correct(trainer, step_rows(trainer, step))
         n = int(all_reduce([n], trainer.device)[0])
         state.generated_tokens += n
-        state.compute_flops += 2 * trainer.params * n
+        state.compute_flops += model_flops(trainer, n, n)
         return pool
     if a.guide_source == "past":
         return past_solutions(state.replay, step_rows(trainer, step), a.guide_samples)
@@ -1592,10 +1668,11 @@ def run_rl(trainer):
         base = trainer.resumed["base_eval"]
     else:
         base = evaluate(trainer)
-        state.eval_flops = 2 * trainer.params * base["eval_tokens"]
+        state.eval_flops = model_flops(trainer, base["eval_tokens"], base["eval_tokens"])
         device = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"  # for MFU
         report.write_metrics(metrics, {"step": 0, "compute_steps": 0, "generated_tokens": 0, "compute_flops": 0.0,
-                                "wall_s": 0.0, **base, "params": trainer.params, "device": device, "world": trainer.world})
+                                "wall_s": 0.0, **base, "params": trainer.params, "flop_params": trainer.flop_params,
+                                       "device": device, "world": trainer.world})
     log0(f"{args.mode} | step {start} | base eval greedy {base['eval_greedy']:.3f} | "
          f"mean@{args.eval_samples} {base[f'eval_mean@{args.eval_samples}']:.3f} (n={base['eval_n']})")
     ring_steps = {0, args.breakthrough_at - args.breakthrough_delta} if args.mode == "npo" else {0}
@@ -1626,7 +1703,7 @@ def run_rl(trainer):
         if step % args.eval_every == 0 or step == args.steps:
             t = time.time()
             last_eval = evaluate(trainer)
-            state.eval_flops += 2 * trainer.params * last_eval["eval_tokens"]
+            state.eval_flops += model_flops(trainer, last_eval["eval_tokens"], last_eval["eval_tokens"])
             rec.update(last_eval, eval_s=time.time() - t, eval_flops=state.eval_flops)
         report.write_metrics(metrics, rec)
         if not args.quiet:
@@ -1644,7 +1721,7 @@ def run_rl(trainer):
             log0(report.intervention_line(args.mode, irec, new_step))
             step = new_step
         elif args.save_every and step % args.save_every == 0:
-            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": asdict(state),
+            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": pack_state(state),
                      "wall_s": wall0 + time.time() - t0}
             save_checkpoint(args.out, trainer.model, trainer.optim, trainer.sched, step, args.keep_checkpoints,
                             state.compute_steps, extra, [e["name"] for e in state.ring])

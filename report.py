@@ -435,11 +435,11 @@ def peak_flops(device):
     return next((v for k, v in PEAK_BF16 if k in (device or "")), None)
 
 
-def throughput(records):
+def throughput(records, skip=0):
     """Generated tokens/s in the generate phase, trained tokens/s in the train phase (all ranks), and the
     train phase's model FLOP utilisation per GPU (FLOPs / seconds / (peak x world size)) where the peak is
-    known. Model FLOPs count 2N per token and pass (6N trained), not attention's (see the README)."""
-    steps = [r for r in records if "train_s" in r and "event" not in r]
+    known, after the first `skip` (warm-up) steps. Model FLOPs: npo.model_flops (what runs; not attention's)."""
+    steps = [r for r in records if "train_s" in r and "event" not in r][skip:]
     head = next((r for r in records if "params" in r), {})
     gen_s, train_s = sum(r["generate_s"] for r in steps), sum(r["train_s"] for r in steps)
     out = {"gen_tokens_per_s": sum(r["step_tokens"] for r in steps) / gen_s if gen_s else None,

@@ -17,6 +17,7 @@
 #   bash run.sh bench [tokens]  the trainer's cost against the real tokens: old and new paths (and TRL's
 #                        GRPOTrainer, from requirements-bench.txt) on one long-tailed batch; then (not with
 #                        `tokens`) seconds per GRPO step by phase: HF vs vLLM at two sizes, 1 process vs 2 ranks
+#   bash run.sh bench resume  what a resume reads of a checkpoint at a real run's pool sizes, lists vs tensors
 # Flags after the options go to every training run, e.g.  bash run.sh --seeds 0,1 --lr 5e-5
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,7 +28,7 @@ PY=.venv/bin/python
 setup() {
   # requirements.txt everywhere, then the vLLM build for this machine
   local extra=requirements-cpu.txt
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=requirements-gpu.txt; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then extra=requirements-gpu.txt; gpu_preflight; fi
   if [ ! -x .venv/bin/python ] || [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ] \
       || [ $extra -nt .venv/.installed ]; then
     echo "== set-up: python venv in .venv, packages from requirements.txt and $extra (pip's output: .venv/setup.log)"
@@ -44,13 +45,38 @@ setup() {
   if [ $extra = requirements-gpu.txt ]; then cuda_check .venv/bin/python; fi
 }
 
+gpu_preflight() {
+  # Before installing on a GPU machine, what its driver and system lack: torch 2.13's and vllm 0.32.0's PyPI builds
+  # are CUDA 13 (vllm's kernels link libcudart.so.13: readelf -d vllm/_C_stable_libtorch.abi3.so), which needs driver
+  # >= 580; Triton (vLLM's Model Runner V2, torch.compile) compiles a C helper with gcc and Python's headers at first use.
+  local driver missing=""
+  driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)
+  command -v gcc >/dev/null 2>&1 || missing+=" gcc"
+  python3 -c "import os, sysconfig, sys; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+    || missing+=" python3-dev (Python.h)"
+  if [ -n "$missing" ]; then
+    echo "set-up: this GPU machine lacks$missing, which Triton (vLLM's Model Runner V2, torch.compile) needs to compile a"
+    echo "  helper at first use: install them (Debian / Ubuntu: apt-get install gcc python3-dev), then run this again."
+    exit 1
+  fi
+  if [ "${driver%%.*}" -lt 580 ]; then
+    echo "set-up: driver $driver is older than 580, which torch 2.13 and vllm 0.32.0 from PyPI (CUDA 13 builds) need."
+    echo "  Best: a driver >= 580. Otherwise a CUDA 12 stack, installed by hand into .venv (python3 -m venv .venv):"
+    echo "  - with vLLM: a CUDA 12 build of vllm 0.32.0 from its release page (github.com/vllm-project/vllm/releases, files"
+    echo "    vllm-0.32.0+cu12X-...whl) and torch 2.13's build for the same CUDA (--index-url https://download.pytorch.org/whl/cu12X),"
+    echo "    then .venv/bin/pip install -r requirements.txt (not tried here: no such machine was at hand);"
+    echo "  - without vLLM (--rollout hf, HF generate): torch's CUDA 12.8 build, then requirements.txt:"
+    echo "      .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 && .venv/bin/pip install -r requirements.txt"
+    exit 1
+  fi
+}
+
 cuda_check() {
   # A GPU machine whose torch cannot use the GPU (a CUDA 13 wheel on a driver < 580) must not train on its CPU.
   "$1" -c "import torch, sys; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" && return
   echo "set-up: nvidia-smi sees $(nvidia-smi -L | wc -l) GPU(s), driver $(nvidia-smi --query-gpu=driver_version \
 --format=csv,noheader | head -1), but torch $("$1" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') \
-cannot use them. torch 2.13's PyPI build needs driver >= 580; for an older driver: .venv/bin/pip install \
-torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 (CUDA 12 builds run on drivers >= 525)."
+cannot use them. torch 2.13's PyPI build needs driver >= 580 (for an older driver: bash run.sh setup says what works)."
   exit 1
 }
 
@@ -263,6 +289,8 @@ PY
 }
 
 bench() {
+  # 0. `bench resume`: what a resume reads at a real run's pool sizes, Python lists against tensors (test_npo.resume_bench)
+  [ "${1:-}" = resume ] && { $PY test_npo.py resume_bench; return; }
   # 1. The trainer's cost in proportion to the real tokens (test_npo.token_bench): processed / real tokens,
   #    seconds per real token and the log-prob pass's peak memory, old and new paths side by side, and TRL.
   $PY -c "import trl" 2>/dev/null || .venv/bin/pip install -q -r requirements-bench.txt \
