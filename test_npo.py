@@ -3264,6 +3264,9 @@ def gloo_threads():
 
 
 if __name__ == "__main__":  # worker entry points for the tests above (run as subprocesses)
+    uses_vllm = sys.argv[1] in ("vllm_worker", "banned_worker", "gpu_check") or "vllm" in sys.argv
+    if uses_vllm and importlib.util.find_spec("vllm"):  # imported before a worker's frame holds a model: a vLLM module
+        import vllm.entrypoints.llm  # noqa: F401  keeps an import error's traceback, which pins the importing frames
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
      "sync_worker": sync_worker, "gpu_check": gpu_check,
      "banned_worker": banned_worker, "distinct_worker": distinct_worker, "ppo_grads_worker": ppo_grads_worker,
