@@ -132,6 +132,8 @@ def parse_args(argv=None):
     g.add_argument("--guide_ratio", default="none", choices=["none", "clip", "shape"], help="guide tokens' ratio: none "
                    "= to old log-probs, as every token; clip = pi_theta / pi_guide, clipped; shape = LUFFY's p / (p + 0.1)")
     g.add_argument("--guide_samples", type=int, default=4, help="m: guide samples per prompt (injection and Q)")
+    g.add_argument("--variance_cost", default="token", choices=["token", "trajectory"], help="V in S = Q / V: token: "
+                   "E[w^2] / E[w]^2 of per-token weights (the loss's own); trajectory: exp(Var log w) of whole ones")
     g.add_argument("--guide_source", default="future", choices=SOURCES, help="future: theta_t (NPO, rollbacks); "
                    "without rollbacks (--mode npo): past: earlier successes (replay); external: the SFT references; "
                    "teacher: another procedure the base never saw (a distant teacher); self: the learner's m extra")
@@ -149,8 +151,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("AutoNPO")
     g.add_argument("--min_delta", type=int, default=None, help="smallest Delta considered; default --ring_every")
     g.add_argument("--z", type=float, default=2.0, help="roll back only if Q > z SE; stagnation: slope + z SE below it")
-    g.add_argument("--trigger_window", type=int, default=20, help="steps each trigger looks back over")
-    g.add_argument("--stagnation_slope", type=float, default=2e-3, help="reward stagnation: slope per step below this")
+    g.add_argument("--trigger_window", type=int, default=20, help="steps sparse reward and entropy collapse look back over")
+    g.add_argument("--stagnation_window", type=int, default=60, help="steps reward stagnation fits its slope to")
+    g.add_argument("--stagnation_slope", type=float, default=1e-3, help="reward stagnation: slope per step below this")
     g.add_argument("--entropy_frac", type=float, default=0.5, help="entropy collapse: below this fraction of the early one")
     g.add_argument("--sparse_threshold", type=float, default=0.6, help="sparse reward: share of all-wrong groups above this")
     g.add_argument("--cooldown", type=int, default=50, help="min training steps (compute) between interventions")
@@ -220,7 +223,8 @@ def resolve_defaults(args, p):
     """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
     for flag, least in (("group_size", 2), ("prompts_per_step", 1), ("guide_samples", 1), ("max_new_tokens", 1),
                         ("micro_batch_size", 1), ("ppo_epochs", 1), ("eval_every", 1), ("ring_every", 1),
-                        ("ring_size", 1), ("keep_checkpoints", 1), ("sft_batch_size", 1), ("trigger_window", 2)):
+                        ("ring_size", 1), ("keep_checkpoints", 1), ("sft_batch_size", 1), ("trigger_window", 2),
+                        ("stagnation_window", 3)):
         if getattr(args, flag) is not None and getattr(args, flag) < least:  # (None: a size-dependent default)
             p.error(f"--{flag} {getattr(args, flag)}: must be at least {least}"
                     + (" (GRPO compares each sample with the others of its group)" * (flag == "group_size")))
@@ -1119,48 +1123,46 @@ def quality_from_moments(mom):
     return q, math.sqrt((max(s2 - n * q * q, 0.0) / (n - 1) if n > 1 else 0.0) / n)
 
 def variance_cost(logp_policy, logp_source, mask):
-    """V, the variance cost of the source's trajectories. A whole trajectory's importance weight is w =
-    pi_policy(y) / pi_source(y) = exp(L), L the sum of its token log-ratios, and E[w^2] / E[w]^2 (n / effective
-    sample size) is exp(Var L) for normal L. So V = exp(Var L): 1 on-policy, growing with the distance, not capped
-    by n (a self-normalised n sum w^2 / (sum w)^2 is), scale-free (the external source's pi_source is taken as 1).
-    Var L unbiased (exp of it is biased up by ~Var(L)^2 / (n - 1); n < 2: V = 1). Diagnostic: V_geomean, that
-    ratio for w = exp(mean token log-ratio) (the former V, ~1 for any source). Inputs [N, T]; returns
-    (V, V_geomean, moments)."""
+    """V, the variance a source's importance weights add to this trainer's token-level gradient. Each token of the
+    source's trajectories has a weight w = pi_policy / pi_source (d = log w), and V = E[w^2] / E[w]^2 over them (1 +
+    the weights' squared coefficient of variation: the factor by which they inflate a token mean's variance). 1
+    on-policy exactly (d = 0), growing with the per-token distance (exp(Var d) for normal d), the same at 40 and at
+    4096 tokens. Diagnostic: the whole-trajectory value, exp(Var L) with L the sum of d over a trajectory, which grows
+    with the length (e^190 at 4096 tokens at the near future's per-token variance). Inputs [N, T]; returns moments
+    [tokens, sum w, sum w^2, trajectories, sum L, sum L^2] to add over ranks (variance_from_moments)."""
     m = mask.bool()
     d = torch.where(m, (logp_policy - logp_source).double(), 0.0)                    # [N, T]
-    n_tok = m.sum(dim=1)
-    keep = n_tok > 0
-    L = d.sum(dim=1)[keep]                                                           # [N'] log w per trajectory
-    w_geo = torch.exp(L / n_tok[keep])                                               # [N']
-    mom = [float(len(L)), L.sum().item(), (L ** 2).sum().item(), w_geo.sum().item(), (w_geo ** 2).sum().item()]
-    return (*variance_from_moments(mom)[:2], mom)
+    w = torch.where(m, torch.exp(d), 0.0)
+    L = d.sum(dim=1)[m.any(dim=1)]                                                   # [N'] log w of a trajectory
+    return [float(m.sum()), w.sum().item(), (w * w).sum().item(), float(len(L)), L.sum().item(), (L * L).sum().item()]
 
 def variance_from_moments(mom):
-    """(V, V_geomean, Var L) from variance_cost's moments summed over ranks (NaN without trajectories)."""
-    n, s1, s2, g1, g2 = mom
+    """(V per token, Var L = ln of the whole-trajectory V) from variance_cost's moments added over ranks (NaN, NaN
+    without a token)."""
+    n, w1, w2, k, l1, l2 = mom
     if not n:
-        return (float("nan"),) * 3
-    var_l = max(s2 - s1 * s1 / n, 0.0) / (n - 1) if n > 1 else 0.0
-    return (math.exp(var_l) if var_l < 700 else math.inf), n * g2 / (g1 * g1), var_l
+        return float("nan"), float("nan")
+    return n * w2 / (w1 * w1), (max(l2 - l1 * l1 / k, 0.0) / (k - 1) if k > 1 else 0.0)
 
 def effective_signal(q, v):
     """S = Q / V; 0 when V is NaN (no correct trajectory of the source to measure V on) or infinite."""
     return q / v if v == v and v < math.inf else 0.0
 
 def select_delta(table, min_delta=1, z=2.0):
-    """AutoNPO's choice among Q / V / S rows (one per Delta): the largest S with Delta >= min_delta (ties: the
-    smaller Delta). (row, None), or (None, why) when none qualifies or the chosen Q is not above 0 by z standard
-    errors, Bonferroni-corrected for the K candidates it is the best of (the best of K noisy estimates clears a
-    plain z bar far more often than 1 - Phi(z)): no evidence the guide knows more, and a rollback costs steps."""
+    """AutoNPO's choice among Q / V / S rows (one per Delta >= min_delta): among the Deltas whose Q is above 0 by z
+    standard errors, Bonferroni-corrected for the K candidates (the best of K noisy estimates clears a plain z bar
+    far more often than 1 - Phi(z)), the largest S (ties: the smaller Delta). A null or negative Q never wins by a
+    larger V. (row, None), or (None, why): no evidence that any guide knows more, and a rollback costs steps."""
     rows = [r for r in table if r["delta"] >= min_delta]
-    best = max(rows, key=lambda r: (r["S"], -r["delta"]), default=None)
-    if best is None:
+    if not rows:
         return None, f"no candidate snapshot with Delta >= {min_delta}"
     z_k = NormalDist().inv_cdf(1 - NormalDist().cdf(-z) / len(rows))                 # z for 1 of K
-    if best["Q"] <= z_k * best["Q_se"]:
-        return None, (f"best Delta {best['delta']}: Q {best['Q']:.3f} is within {z_k:.2f} standard errors "
-                      f"({best['Q_se']:.3f}) of 0 (z {z:g}, Bonferroni over {len(rows)} candidates)")
-    return best, None
+    strong = [r for r in rows if r["Q"] > z_k * r["Q_se"]]
+    if not strong:
+        best = max(rows, key=lambda r: r["Q"] / max(r["Q_se"], 1e-12))
+        return None, (f"no Delta's Q is above 0 by {z_k:.2f} standard errors (z {z:g}, Bonferroni over {len(rows)}"
+                      f" candidates); closest: Delta {best['delta']}, Q {best['Q']:.3f} +- {best['Q_se']:.3f}")
+    return max(strong, key=lambda r: (r["S"], -r["delta"])), None
 
 
 # ---- the sources: near future (theta_t), past successes (replay), external references and a distant teacher, the
@@ -1176,14 +1178,20 @@ def sample_correct(trainer, rows_idx):
     correct = {i: [samples[k * m + j] for j in range(m) if rewards[k * m + j] >= 1] for k, i in enumerate(rows_idx)}
     return correct, sum(len(ids) for ids, _ in samples)
 
-def past_solutions(replay, rows_idx, m, before=None):
-    """The past source (replay, as in ExGRPO / RLEP): each row's newest (at most m) correct samples
-    recorded before step `before` (all when None). replay: (step, row, ids, logps), oldest first."""
-    out = {i: [] for i in rows_idx}
-    for step, row, ids, lps in reversed(replay):
-        if row in out and (before is None or step < before) and len(out[row]) < m:
-            out[row].append((ids, lps))
-    return out
+def past_solutions(replay, mistake_pool, rows_idx, m, group, before=None):
+    """The past source (replay, as in ExGRPO / RLEP) on the other sources' budget of m samples: a row's newest visit
+    before step `before` (any when None) drew `group` samples of which c were correct (c = 0: a mistake-pool entry);
+    it offers at most m of them and solves the row with probability 1 - C(group - c, m) / C(group, m), as m of that
+    visit's samples would. replay: (step, row, ids, logps), logps the trainer's at that step. Returns
+    ({row: [(ids, logps)]}, {row: that probability})."""
+    rows, visits = set(rows_idx), {}
+    for step, row, *traj in [*replay, *mistake_pool]:
+        if row in rows and (before is None or step < before):
+            visits.setdefault(row, {}).setdefault(step, []).extend([tuple(traj)] if traj else [])
+    newest = {i: v[max(v)] for i, v in visits.items()}
+    solved = {i: 1 - math.comb(group - len(newest.get(i, [])), m) / math.comb(group, m) if i in newest else 0.0
+              for i in rows}
+    return {i: newest.get(i, [])[:m] for i in rows}, solved
 
 def reference_solutions(trainer, rows_idx, source="external"):
     """An external source (LUFFY-like), log pi_source = 0 on every token (a teacher whose probabilities are unknown):
@@ -1213,24 +1221,28 @@ def score_solutions(trainer, solutions):
     out = {r: [next(rescored) for _ in solutions[r]] for r in sorted(solutions)}
     return out, (int(batch["attention_mask"].sum()) if traj else 0)
 
-def source_qv(trainer, solutions, q_rows, learner_solved):
+def source_qv(trainer, solutions, q_rows, learner_solved, solved=None, learner_is_source=False):
     """Q, V and S of one source for the learner now in the trainer, combined over ranks.
     solutions: {row: [correct (ids, log pi_source)]}; q_rows: the prompts the learner failed;
-    learner_solved: {row: the learner solved it with m samples of its own}. V: one trajectory per solved q_row."""
+    learner_solved: {row: the learner solved it with m samples of its own}; solved: {row: the source solves it (a
+    bool, or a probability)}, by default whether it has a solution. V: one trajectory per solved q_row, its log-probs
+    under the learner scored here; learner_is_source: the source is the learner itself (its log-probs are these)."""
+    solved = solved or {r: bool(solutions.get(r)) for r in q_rows}
     solutions = {r: solutions[r][:1] for r in q_rows if solutions.get(r)}
     learner, scored = score_solutions(trainer, solutions)
     lp_l = [lp for r in sorted(solutions) for _, lp in learner[r]]
-    lp_s = [lp for r in sorted(solutions) for _, lp in solutions[r]]
+    lp_s = lp_l if learner_is_source else [lp for r in sorted(solutions) for _, lp in solutions[r]]
     width = max((len(x) for x in lp_l), default=0)
     pad = lambda xs: torch.tensor([x + [0.0] * (width - len(x)) for x in xs], dtype=torch.float64)  # noqa: E731
-    v_mom = variance_cost(pad(lp_l), pad(lp_s), pad([[1.0] * len(x) for x in lp_l]))[2] if lp_l else [0.0] * 5
-    q_mom = signal_quality([r in solutions for r in q_rows], [learner_solved[r] for r in q_rows])[2]
+    v_mom = variance_cost(pad(lp_l), pad(lp_s), pad([[1.0] * len(x) for x in lp_l])) if lp_l else [0.0] * 6
+    q_mom = signal_quality([solved[r] for r in q_rows], [learner_solved[r] for r in q_rows])[2]
     tot = all_reduce([*q_mom, *v_mom, scored, sum(learner_solved[r] for r in q_rows)], trainer.device)
     q, q_se = quality_from_moments(tot[0:3])
-    v, v_geo, var_l = variance_from_moments(tot[3:8])
-    return {"Q": q, "Q_se": q_se, "V": v, "log_V": var_l, "V_geomean": v_geo, "S": effective_signal(q, v),
-            "learner_pass": tot[9] / tot[0] if tot[0] else 0.0, "pool_prompts": int(tot[0]),
-            "trajectories": int(tot[3]), "scored_tokens": int(tot[8])}
+    v_token, var_l = variance_from_moments(tot[3:9])
+    v = v_token if trainer.args.variance_cost == "token" else (math.exp(var_l) if var_l < 700 else math.inf)
+    return {"Q": q, "Q_se": q_se, "V": v, "log_V": math.log(v) if v == v else v, "V_token": v_token,
+            "log_V_traj": var_l, "S": effective_signal(q, v), "learner_pass": tot[10] / tot[0] if tot[0] else 0.0,
+            "pool_prompts": int(tot[0]), "trajectories": int(tot[6]), "scored_tokens": int(tot[9])}
 
 def qvs_table(trainer, state, t, candidates):
     """Q, V and S of each source for the learner at each ring snapshot s = t - Delta (loaded into trainer and
@@ -1251,15 +1263,17 @@ def qvs_table(trainer, state, t, candidates):
         sync_weights(trainer.engine, trainer.model)
         learner, n = sample_correct(trainer, windows[s])
         solved = {r: bool(v) for r, v in learner.items()}
-        sources = [("future", future)]
+        sources = [("future", future, {})]
         if s == min(candidates):  # self: m more samples of the learner, independent of those that define its failures
             again, n2 = sample_correct(trainer, windows[s])
             n += n2
-            sources += [("past", past_solutions(state.replay, rows, a.guide_samples, s)), ("self", again),
-                        *((x, reference_solutions(trainer, rows, x)) for x in ("external", "teacher"))]
+            past, p_solved = past_solutions(state.replay, state.mistake_pool, rows, a.guide_samples, a.group_size, s)
+            sources += [("past", past, {"solved": p_solved}), ("self", again, {"learner_is_source": True}),
+                        *((x, reference_solutions(trainer, rows, x), {}) for x in ("external", "teacher"))]
         generated += n
-        for source, sols in sources:
-            table.append({"source": source, "delta": t - s, "snapshot": s, **source_qv(trainer, sols, windows[s], solved)})
+        for source, sols, kw in sources:
+            table.append({"source": source, "delta": t - s, "snapshot": s,
+                          **source_qv(trainer, sols, windows[s], solved, **kw)})
     return table, generated, scored
 
 def intervene(trainer, state, t, deltas, reason):
@@ -1319,8 +1333,10 @@ def intervene(trainer, state, t, deltas, reason):
 # When to intervene, from the policy's own per-step history; which Delta is select_delta's choice.
 def reward_stagnation(rewards, window, min_slope, z=2.0):
     """An event: the reward rose and has, with confidence, stopped. The last `window` rewards' slope plus z SE is
-    below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before
-    by z SE of the difference (an always-flat reward is no plateau to break; one that stays flat fires once)."""
+    below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before by z
+    SE of the difference (an always-flat reward is no plateau to break; one that stays flat fires once). At a real
+    batch's per-step noise (sd ~0.05) a 60-step window's slope has an SE of ~0.0004 a step: 60 steps and 1e-3 tell a
+    knee from a steady rise of 0.0015 a step, which 30 steps cannot (error rates: test_trigger_error_rates)."""
     if len(rewards) < 2 * window:
         return False
     last, prev = rewards[-window:], rewards[-2 * window:-window]
@@ -1334,9 +1350,13 @@ def entropy_collapse(entropies, window, frac):
         return False
     return sum(entropies[-window:]) < frac * sum(entropies[-2 * window:-window])
 
-def sparse_reward(all_wrong_shares, window, threshold):
-    """Over the last `window` steps, more than `threshold` of the groups were all wrong."""
-    return len(all_wrong_shares) >= window and sum(all_wrong_shares[-window:]) / window > threshold
+def sparse_reward(all_wrong_shares, window, threshold, z=2.0):
+    """Over the last `window` steps more than `threshold` of the groups were all wrong, by z standard errors of the
+    window's mean (a share that hovers near the threshold does not fire by chance)."""
+    if len(all_wrong_shares) < window:
+        return False
+    last = all_wrong_shares[-window:]
+    return fmean(last) - z * math.sqrt(variance(last) / window) > threshold
 
 def autonpo_trigger(history, since_last, n_done, ring_ready, args):
     """Why AutoNPO intervenes now, or None. history: per-step 'reward', 'entropy', 'all_wrong' of
@@ -1344,9 +1364,10 @@ def autonpo_trigger(history, since_last, n_done, ring_ready, args):
     if n_done >= args.max_interventions or since_last < args.cooldown or not ring_ready:
         return None
     w = args.trigger_window
-    fired = {"sparse_reward": sparse_reward(history["all_wrong"], w, args.sparse_threshold),
+    fired = {"sparse_reward": sparse_reward(history["all_wrong"], w, args.sparse_threshold, args.z),
              "entropy_collapse": entropy_collapse(history["entropy"], w, args.entropy_frac),
-             "reward_stagnation": reward_stagnation(history["reward"], w, args.stagnation_slope, args.z)}
+             "reward_stagnation": reward_stagnation(history["reward"], args.stagnation_window, args.stagnation_slope,
+                                                    args.z)}
     return next((name for name, yes in fired.items() if yes), None)
 
 def due_intervention(args, state, step):
@@ -1530,7 +1551,7 @@ def rollout(trainer, step, guide=None):
     on_policy_rewards = torch.tensor(score_responses(tok, rows, samples, G)).view(len(rows), G)   # [B, G]
     t_score = time.time() - t
     all_wrong = on_policy_rewards.max(dim=1).values <= 0        # [B] the mistake pool; triggers read these
-    successes = [(idx[k // G], *samples[k]) for k in range(len(samples)) if on_policy_rewards.view(-1)[k] >= 1]
+    successes = [(idx[k // G], samples[k][0], k) for k in range(len(samples)) if on_policy_rewards.view(-1)[k] >= 1]
     mixed, rewards, is_guide = samples, on_policy_rewards, torch.zeros(len(samples), dtype=torch.bool)
     if guide:
         mixed, rewards, is_guide = inject_guide(rewards, samples, [guide.get(i, []) for i in idx], args.gate)
@@ -1617,16 +1638,17 @@ def step_metrics(trainer, step, batch, info, stats):
                                      1 + 3 * a.ppo_epochs + (a.kl_coef > 0))
     return rec
 
-def track_step(trainer, state, step, rec, failed_rows, successes):
-    """After a step: compute counters, the mistake pool, past successes and the trigger history. Compute is model
-    FLOPs (2N per token per forward, prompts included, 6N trained), guide sampling included: every "per compute"."""
+def track_step(trainer, state, step, rec, failed_rows, successes, old_logp):
+    """After a step: compute counters, the mistake pool, past successes (row, ids, k: with the trainer's log-probs of
+    batch row k, so that every source is scored alike) and the trigger history. Compute is model FLOPs (model_flops),
+    guide sampling included: every "per compute" number."""
     a = trainer.args
     state.compute_steps += 1
     state.generated_tokens += rec["step_tokens"]
     state.compute_flops += rec["train_flops"] + model_flops(trainer, rec["step_tokens"] + rec["prompt_tokens"],
                                                             rec["step_tokens"])  # (prefill scores no prompt position)
     state.mistake_pool = (state.mistake_pool + [(step, i) for i in failed_rows])[-a.pool_size:]
-    state.replay = (state.replay + [(step, *x) for x in successes])[-a.replay_size:]
+    state.replay = (state.replay + [(step, i, ids, old_logp[k, :len(ids)].tolist()) for i, ids, k in successes])[-a.replay_size:]
     for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]), ("all_wrong", rec["all_wrong_share"])):
         state.history[key].append(val)
 
@@ -1648,7 +1670,7 @@ def step_guide(trainer, state, step):
         state.compute_flops += model_flops(trainer, n, n)
         return pool
     if a.guide_source == "past":
-        return past_solutions(state.replay, step_rows(trainer, step), a.guide_samples)
+        return past_solutions(state.replay, state.mistake_pool, step_rows(trainer, step), a.guide_samples, a.group_size)[0]
     return reference_solutions(trainer, step_rows(trainer, step), a.guide_source)
 
 def run_rl(trainer):
@@ -1696,7 +1718,7 @@ def run_rl(trainer):
         sync_s = time.time() - t
         # ---- Log metrics -------------------------------------------------------------------------
         rec = step_metrics(trainer, step, batch, info, stats)
-        track_step(trainer, state, step, rec, failed_rows, successes)
+        track_step(trainer, state, step, rec, failed_rows, successes, batch["old_logp"])
         rec.update(sync_s=sync_s, wall_s=wall0 + time.time() - t0, compute_steps=state.compute_steps,
                    generated_tokens=state.generated_tokens, compute_flops=state.compute_flops)
         step += 1

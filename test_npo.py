@@ -642,59 +642,65 @@ def test_q_v_s_on_hand_made_inputs():
     assert npo.signal_quality([True, False], [True, False])[:2] == (0.0, 0.0)  # the learner itself: Q = 0
     assert npo.signal_quality([], [])[:2] == (0.0, 0.0)
     ln2 = math.log(2)
-    # log w of a trajectory = the SUM of its token log-ratios: seq 0: 2 ln2 (w = 4); seq 1: 0 (w = 1);
-    # seq 2: 3 x 0.1; seq 3: no tokens
+    # per-token log-ratios d: seq 0: ln2, ln2 (w = 2, 2); seq 1: 0, 0, 0; seq 2: 0.1 x 3; seq 3: no tokens
     lp_src = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, -0.5, -0.5], [0.0, 0.0, 0.0]],
                           dtype=torch.float64)
     lp_pol = lp_src + torch.tensor([[ln2, ln2, 5.0], [0.0, 0.0, 0.0], [0.1, 0.1, 0.1], [3.0, 3.0, 3.0]],
                                    dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [0, 0, 0]])
-    v, v_geo, mom = npo.variance_cost(lp_pol, lp_src, mask)
-    logw = [2 * ln2, 0.0, 0.3]
-    var_l = np_var(logw) * 3 / 2                                 # unbiased sample variance of log w
-    assert v == pytest.approx(math.exp(var_l), rel=1e-12)
-    geo = [2.0, 1.0, math.exp(0.1)]                              # the former V: w = exp(mean log-ratio)
-    assert v_geo == pytest.approx(3 * sum(w * w for w in geo) / sum(geo) ** 2, rel=1e-12)
+    mom = npo.variance_cost(lp_pol, lp_src, mask)
+    w = [2.0, 2.0, 1.0, 1.0, 1.0] + [math.exp(0.1)] * 3                  # one weight per token
+    v_token, var_l = npo.variance_from_moments(mom)
+    assert v_token == pytest.approx(len(w) * sum(x * x for x in w) / sum(w) ** 2, rel=1e-12)
+    assert var_l == pytest.approx(np_var([2 * ln2, 0.0, 0.3]) * 3 / 2, rel=1e-12)  # log w of whole trajectories
     # moments of two parts combine to the whole (how ranks are combined)
-    a = npo.variance_cost(lp_pol[:1], lp_src[:1], mask[:1])[2]
-    b = npo.variance_cost(lp_pol[1:], lp_src[1:], mask[1:])[2]
-    assert npo.variance_from_moments([x + y for x, y in zip(a, b)]) == pytest.approx([v, v_geo, var_l])
+    a, b = npo.variance_cost(lp_pol[:1], lp_src[:1], mask[:1]), npo.variance_cost(lp_pol[1:], lp_src[1:], mask[1:])
+    assert npo.variance_from_moments([x + y for x, y in zip(a, b)]) == pytest.approx([v_token, var_l])
     # V(0): a source equal to the policy costs exactly the on-policy value, 1, in any sample
-    same = npo.variance_cost(lp_src, lp_src, mask)
-    assert same[:2] == (1.0, 1.0)
-    assert math.isnan(npo.variance_cost(lp_src[3:], lp_pol[3:], mask[3:])[0])  # no trajectory: unknown
+    assert npo.variance_from_moments(npo.variance_cost(lp_src, lp_src, mask)) == (1.0, 0.0)
+    assert math.isnan(npo.variance_from_moments(npo.variance_cost(lp_src[3:], lp_pol[3:], mask[3:]))[0])  # unknown
     assert npo.effective_signal(0.5, 1.25) == pytest.approx(0.4)
     assert npo.effective_signal(0.3, float("nan")) == 0.0 and npo.effective_signal(0.0, 1.0) == 0.0
     assert npo.effective_signal(0.3, math.inf) == 0.0
 
 
-@pytest.mark.parametrize("length", [10, 40])
-def test_variance_cost_of_whole_trajectories_against_the_lognormal_truth(length):
-    """Token log-ratios N(0, s^2), independent over L tokens: log w ~ N(0, L s^2), so E[w^2] / E[w]^2 =
-    exp(L s^2). With n = 2000 trajectories V is within 10% of it, grows with s, is 1 exactly on-policy
-    and is not capped by n; the per-token geometric mean (the former V) stays near 1."""
-    g = torch.Generator().manual_seed(length)
-    n, vs = 2000, []
-    src = -torch.rand(n, length, generator=g, dtype=torch.float64)
-    for s in (0.02, 0.05, 0.1):
-        pol = src + s * torch.randn(n, length, generator=g, dtype=torch.float64)
-        v, v_geo, _ = npo.variance_cost(pol, src, torch.ones(n, length))
-        truth = math.exp(length * s * s)
-        print(f"L {length} s {s}: V {v:.4f} vs exp(L s^2) {truth:.4f} (former V {v_geo:.5f})")
-        assert v == pytest.approx(truth, rel=0.10)
-        assert v_geo < 1 + 2 * s * s  # the geometric mean hides the distance
-        vs.append(v)
-    assert vs[0] < vs[1] < vs[2]
-    far = src[:50] + torch.randn(50, length, generator=g, dtype=torch.float64)   # s = 1: exp(L) is huge
-    assert npo.variance_cost(far, src[:50], torch.ones(50, length))[0] > 50  # a self-normalised ratio stays <= 50
+def test_variance_cost_is_the_same_at_40_512_and_4096_tokens():
+    """Per-token log-ratios d = mu + e, a shift mu ~ N(0, 0.3^2) per trajectory and e ~ N(0, s^2) per token (the near
+    future's measured per-token variance is 0.05-0.33): E[w^2] / E[w]^2 over tokens is exp(s^2 + 0.09) whatever the
+    length. With 200 trajectories at each length V is within 10% of it, 40, 512 and 4096 tokens alike; it grows with s;
+    on-policy it is 1 exactly. The whole-trajectory diagnostic, Var L, grows with the length (e^150 to e^1.4M)."""
+    g = torch.Generator().manual_seed(0)
+    for s in (0.2, 0.4, 0.6):
+        at = {}
+        for length, n in ((40, 200), (512, 200), (4096, 200)):  # one trajectory per solved pool prompt
+            mu = 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+            src = -torch.rand(n, length, generator=g, dtype=torch.float64)
+            pol = src + mu + s * torch.randn(n, length, generator=g, dtype=torch.float64)
+            at[length] = npo.variance_from_moments(npo.variance_cost(pol, src, torch.ones(n, length)))
+            print(f"s^2 {s * s:.2f}, {length} tokens: V {at[length][0]:.4f} (truth {math.exp(s * s + 0.09):.4f}), "
+                  f"whole-trajectory ln V {at[length][1]:.1f}")
+            assert at[length][0] == pytest.approx(math.exp(s * s + 0.09), rel=0.10)
+            assert npo.variance_from_moments(npo.variance_cost(src, src, torch.ones(n, length)))[0] == 1.0
+        assert max(v for v, _ in at.values()) / min(v for v, _ in at.values()) < 1.10
+        assert at[40][1] < at[512][1] < at[4096][1]  # the whole-trajectory value explodes with length
+    vs = [npo.variance_from_moments(npo.variance_cost(s * torch.randn(64, 512, generator=g, dtype=torch.float64),
+                                                      torch.zeros(64, 512), torch.ones(64, 512)))[0]
+          for s in (0.0, 0.1, 0.3, 0.6, 1.0)]
+    assert vs[0] == 1.0 and all(a < b for a, b in zip(vs, vs[1:])) and math.isfinite(vs[-1])  # monotone, finite
 
 
-def test_past_solutions_newest_first_before_a_step():
-    replay = [(1, 7, [1], [-0.1]), (2, 8, [2], [-0.2]), (3, 7, [3], [-0.3]), (5, 7, [4], [-0.4]),
-              (6, 7, [5], [-0.5])]
-    got = npo.past_solutions(replay, [7, 8, 9], m=2, before=6)
-    assert got == {7: [([4], [-0.4]), ([3], [-0.3])], 8: [([2], [-0.2])], 9: []}
-    assert npo.past_solutions(replay, [7], m=5)[7] == [([5], [-0.5]), ([4], [-0.4]), ([3], [-0.3]), ([1], [-0.1])]
+def test_past_source_is_the_newest_visit_on_an_m_sample_budget():
+    """The past source offers a row's newest visit before a step (at most m of its successes) and solves the row with
+    the probability that m of that visit's G samples include a correct one: 1 - C(G - c, m) / C(G, m). A newest
+    visit with no correct sample (a mistake-pool entry) solves nothing, whatever older visits did."""
+    replay = [(1, 7, [1], [-0.1]), (2, 8, [2], [-0.2]), (3, 7, [3], [-0.3]), (5, 7, [4], [-0.4]), (5, 7, [6], [-0.6]),
+              (6, 7, [5], [-0.5]), (1, 9, [9], [-0.9])]
+    pool = [(4, 9)]  # row 9's newest visit before 6 was all wrong
+    sols, solved = npo.past_solutions(replay, pool, [7, 8, 9, 10], m=4, group=8, before=6)
+    assert sols == {7: [([4], [-0.4]), ([6], [-0.6])], 8: [([2], [-0.2])], 9: [], 10: []}
+    assert solved[7] == pytest.approx(1 - math.comb(6, 4) / math.comb(8, 4)) and solved[8] == pytest.approx(0.5)
+    assert solved[9] == 0.0 and solved[10] == 0.0
+    assert npo.past_solutions(replay, pool, [7], m=1, group=8)[0][7] == [([5], [-0.5])]  # no bound: step 6's visit
 
 
 def np_var(xs):
@@ -704,65 +710,68 @@ def np_var(xs):
 
 def test_select_delta_interior_optimum_min_delta_and_evidence():
     """On a synthetic table shaped as the paper argues (Q rises from 0 and saturates, V rises from 1
-    ever faster) S = Q / V peaks inside the ring; Deltas below min_delta are not considered; a best
-    Q within z standard errors of 0 declines the rollback."""
+    ever faster) S = Q / V peaks inside the ring; Deltas below min_delta are not considered; only Deltas whose Q
+    clears z standard errors (Bonferroni over the candidates) compete, so a null or negative Q never wins by a
+    larger V, and a significant one is chosen though a null one has the larger S."""
     rows = []
     for delta in (10, 20, 30, 40, 50, 60):
         q, v = 0.4 * (1 - math.exp(-delta / 15)), 1 + (delta / 40) ** 3
         rows.append({"delta": delta, "Q": q, "Q_se": 0.02, "V": v, "S": npo.effective_signal(q, v)})
     best, why = npo.select_delta(rows)
     assert why is None and best["delta"] == max(rows, key=lambda r: r["Q"] / r["V"])["delta"] == 20
-    assert 10 < best["delta"] < 60  # interior
     assert npo.select_delta(rows, min_delta=40)[0]["delta"] == 40
     ties = [{"delta": d, "Q": 0.3, "Q_se": 0.01, "S": 0.3} for d in (20, 30)]
     assert npo.select_delta(ties)[0]["delta"] == 20  # ties go to the nearer future
     noisy = [{**r, "Q_se": r["Q"] / 2.5} for r in rows]  # every Q 2.5 SE above 0: enough for one, not for 6
     best, why = npo.select_delta(noisy)
     z6 = statistics.NormalDist().inv_cdf(1 - statistics.NormalDist().cdf(-2) / 6)   # 2.86
-    assert best is None and f"within {z6:.2f} standard errors" in why and "over 6 candidates" in why
+    assert best is None and f"above 0 by {z6:.2f} standard errors" in why and "over 6 candidates" in why
     assert npo.select_delta(noisy[1:2])[0]["delta"] == 20   # one candidate: the plain z = 2 test
     assert npo.select_delta(noisy, z=1.5)[0]["delta"] == 20
     assert npo.select_delta([])[0] is None and npo.select_delta(rows, min_delta=70)[0] is None
+    mixed = [{"delta": 10, "Q": 0.02, "Q_se": 0.02, "S": 0.02},        # null Q, V = 1: the larger S
+             {"delta": 20, "Q": -0.05, "Q_se": 0.01, "S": -0.00005},   # negative Q, a huge V
+             {"delta": 30, "Q": 0.20, "Q_se": 0.03, "S": 0.01}]        # significant Q, large V
+    assert npo.select_delta(mixed)[0]["delta"] == 30
+    assert npo.select_delta(mixed[:2])[0] is None
 
 
-def _simulated_table(rng, deltas, q_true, p_learner=0.2):
-    """One intervention's future rows: per Delta a pool of 100-250 failed prompts; on each, the learner's
-    own m samples solve it with p_learner and the guide with p_learner + Q (independently): true Q by
-    construction. V is drawn near 1, as measured."""
+def _simulated_intervention(rng, g, deltas, q_of, c, p_learner=0.15, length=40):
+    """One intervention's future rows as the measured tables have them: per Delta a pool of 130-220 failed prompts
+    (its own prompts); on each, the learner's own m samples solve it with p_learner and the guide's with p_learner +
+    Q(Delta) (independently: true Q by construction); one trajectory per solved prompt, of per-token log-ratios
+    N(0, c Delta): true V(Delta) = exp(c Delta). Q and V are estimated by signal_quality and variance_cost."""
     rows = []
     for d in deltas:
-        n = rng.randint(100, 250)
-        p_guide = p_learner + q_true.get(d, 0.0)
-        src = [rng.random() < p_guide for _ in range(n)]
+        n = rng.randint(130, 220)
+        src = [rng.random() < p_learner + q_of(d) for _ in range(n)]
         own = [rng.random() < p_learner for _ in range(n)]
         q, se, _ = npo.signal_quality(src, own)
-        v = 1 + 0.05 * rng.random()
+        k = max(sum(src), 1)
+        lp = math.sqrt(c * d) * torch.randn(k, length, generator=g, dtype=torch.float64)
+        v = npo.variance_from_moments(npo.variance_cost(lp, torch.zeros(k, length), torch.ones(k, length)))[0]
         rows.append({"delta": d, "Q": q, "Q_se": se, "V": v, "S": npo.effective_signal(q, v)})
     return rows
 
 
-def test_skip_test_holds_its_level_over_the_best_of_k():
-    """1000 simulated tables with the guide equal to the learner (true Q = 0 at every Delta): AutoNPO
-    rolls back in at most 5% of them (the uncorrected test on the best of 5 would in ~10%); with a
-    true Q of 0.15 at one Delta and 0 elsewhere it picks that Delta in most tables."""
-    rng = random.Random(0)
-    deltas = [10, 20, 30, 40, 50]
-    null = [npo.select_delta(_simulated_table(rng, deltas, {}))[0] is not None for _ in range(1000)]
-    naive = 0
-    for _ in range(1000):
-        t = _simulated_table(rng, deltas, {})
-        best = max(t, key=lambda r: (r["S"], -r["delta"]))
-        naive += best["Q"] > 2 * best["Q_se"]
-    found = [(npo.select_delta(_simulated_table(rng, deltas, {30: 0.15}))[0] or {}).get("delta") == 30
-             for _ in range(1000)]
-    print(f"rollbacks under the null: {sum(null) / 10:.1f}% (uncorrected: {naive / 10:.1f}%); "
-          f"Delta 30 found with true Q 0.15: {sum(found) / 10:.1f}%")
-    assert sum(null) <= 50 and naive > 60
-    assert sum(found) > 500
+def test_select_delta_recovers_a_known_optimum_and_declines_when_no_guide_knows_more():
+    """Known truth: Q(Delta) = 0.5 (1 - e^(-Delta / 30)) and V(Delta) = exp(c Delta), with c = 1 / (30 (e - 1)) so that
+    S = Q / V peaks at Delta* = 30 ln(1 + 1 / (30 c)) = 30, on the grid 10..60. In 500 simulated interventions with
+    the measured tables' noise, the rule picks 20, 30 or 40 in >= 80%; with Q = 0 at every Delta it declines in
+    >= 95% (a rollback costs steps)."""
+    deltas, c = [10, 20, 30, 40, 50, 60], 1 / (30 * (math.e - 1))
+    rng, g = random.Random(0), torch.Generator().manual_seed(0)
+    picks = [npo.select_delta(_simulated_intervention(rng, g, deltas, lambda d: 0.5 * (1 - math.exp(-d / 30)), c))[0]
+             for _ in range(500)]
+    near = sum(p is not None and abs(p["delta"] - 30) <= 10 for p in picks) / len(picks)
+    null = [npo.select_delta(_simulated_intervention(rng, g, deltas, lambda d: 0.0, c))[0] for _ in range(500)]
+    declined = sum(p is None for p in null) / len(null)
+    print(f"Delta* = 30 recovered within one grid step in {near:.1%}; Q = 0 everywhere: declined in {declined:.1%}")
+    assert near >= 0.80 and declined >= 0.95
 
 
 def _trigger_args(**kw):
-    a = npo.parse_args(["--mode", "autonpo", "--trigger_window", "5", "--cooldown", "10",
+    a = npo.parse_args(["--mode", "autonpo", "--trigger_window", "5", "--cooldown", "10", "--stagnation_window", "5",
                         "--max_interventions", "2", "--stagnation_slope", "0.05"])
     for k, v in kw.items():
         setattr(a, k, v)
@@ -850,6 +859,42 @@ def test_triggers_on_synthetic_runs():
     state = npo.NPOState(ring=[{"step": s, "name": str(s)} for s in (0, 10, 20, 30)], compute_steps=40,
                          history={"reward": rising[:40], "entropy": [1.0] * 40, "all_wrong": [0.8] * 40})
     assert npo.due_intervention(args, state, 40) == ([40, 30], "sparse_reward")
+
+
+def _fires(trigger, series, start, stop):
+    """The first step in (start, stop] at which `trigger` (a function of the history so far) fires, or None."""
+    return next((t for t in range(start + 1, stop + 1) if trigger(series[:t])), None)
+
+
+def test_trigger_error_rates_on_known_events_and_steady_trends():
+    """Each trigger with AutoNPO's defaults on 300 synthetic histories per case, with a real batch's noise. Reward
+    (sd 0.05 a step, as measured at 32 x 8 samples): after a knee (a rise of 0.004 a step that stops at step 100)
+    stagnation fires within 60 steps in >= 80%; over 200 steps of a steady rise it fires in <= 10% at 0.0015 a step
+    and <= 5% at 0.003. Entropy (5% noise a step): a drop to a third fires within a window in >= 95%; steady
+    sharpening (-1% a step) in <= 5%. All-wrong share (the share of 32 groups): a sparse start (0.75) fires at the
+    first window in >= 95%; a share that hovers at 0.55, under the 0.6 threshold, in <= 5% over 200 steps."""
+    a, rng, n = npo.parse_args(["--mode", "autonpo", "--out", "/tmp/npo-unused"]), random.Random(3), 300
+    stag = lambda r: npo.reward_stagnation(r, a.stagnation_window, a.stagnation_slope, a.z)  # noqa: E731
+    coll = lambda e: npo.entropy_collapse(e, a.trigger_window, a.entropy_frac)  # noqa: E731
+    sparse = lambda w: npo.sparse_reward(w, a.trigger_window, a.sparse_threshold, a.z)  # noqa: E731
+    share = lambda p: sum(rng.random() < p for _ in range(32)) / 32  # noqa: E731
+    rates = {k: 0 for k in ("knee", "rise 0.0015", "rise 0.003", "drop", "sharpening", "sparse", "hovering")}
+    for _ in range(n):
+        knee = [0.2 + 0.004 * min(t, 100) + rng.gauss(0, 0.05) for t in range(200)]
+        rates["knee"] += (_fires(stag, knee, 0, 160) or 0) > 100
+        for slope in (0.0015, 0.003):
+            rise = [0.2 + slope * t + rng.gauss(0, 0.05) for t in range(200)]
+            rates[f"rise {slope}"] += _fires(stag, rise, 0, 200) is not None
+        drop = [(1.0 if t < 100 else 0.33) * (1 + rng.gauss(0, 0.05)) for t in range(200)]
+        rates["drop"] += 100 < (_fires(coll, drop, 0, 200) or 0) <= 100 + a.trigger_window
+        sharpening = [2.0 * 0.99 ** t * (1 + rng.gauss(0, 0.05)) for t in range(200)]
+        rates["sharpening"] += _fires(coll, sharpening, 0, 200) is not None
+        rates["sparse"] += _fires(sparse, [share(0.75) for _ in range(200)], 0, 200) == a.trigger_window
+        rates["hovering"] += _fires(sparse, [share(0.55) for _ in range(200)], 0, 200) is not None
+    rates = {k: v / n for k, v in rates.items()}
+    print("trigger rates: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()))
+    assert rates["knee"] >= 0.80 and rates["rise 0.0015"] <= 0.10 and rates["rise 0.003"] <= 0.05
+    assert rates["drop"] >= 0.95 and rates["sharpening"] <= 0.05 and rates["sparse"] >= 0.95 and rates["hovering"] <= 0.05
 
 
 def test_stagnation_fires_on_plateaus_not_on_noise():
