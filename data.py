@@ -28,6 +28,7 @@ a rollout batch (make_batch: responses as [N, R] tensors) are here too.
 The embedded model these tasks are learned by (build_tiny: a ~1M-parameter Qwen3 or Qwen3-VL from a
 config with a character-level tokenizer) is built here too: with the tasks it is the embedded default.
 """
+import functools
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ import os
 import random
 import re
 import string
+import sys
 
 import torch
 
@@ -617,6 +619,25 @@ def local_config(model):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
+def model_config(model):
+    """--model's config as a dict (the embedded model's before it is built: {}), or a clear stop: a directory without
+    config.json, a path that does not exist, a hub id that is neither cached nor reachable."""
+    if model in ("tiny", "tiny-vl"):
+        return {"vision_config": {}} if model == "tiny-vl" else {}
+    if os.path.isdir(model) or model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a path, not org/name
+        if local_config(model) is None:
+            why = "no config.json there (not a saved checkpoint)" if os.path.isdir(model) else "no such directory"
+            sys.exit(f"error: --model {model}: {why}; give a checkpoint directory, a hub id such as Qwen/Qwen3-8B, or tiny")
+        return local_config(model)
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except Exception as e:  # noqa: BLE001  (OSError, ValueError, requests' errors: each says why in its first line)
+        sys.exit(f"error: --model {model}: not a local directory, and no config from the hub or its cache "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
 def is_embedded(model):

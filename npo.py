@@ -172,27 +172,9 @@ def parse_args(argv=None):
     g.add_argument("--sft_batch_size", type=int, default=64, help="SFT sequences per step, all ranks")
     return resolve_defaults(p.parse_args(argv), p)
 
-@functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
-def model_config(model):
-    """--model's config as a dict (the embedded model's before it is built: {}), or a clear stop: a directory without
-    config.json, a path that does not exist, a hub id that is neither cached nor reachable."""
-    if model in ("tiny", "tiny-vl"):
-        return {"vision_config": {}} if model == "tiny-vl" else {}
-    if os.path.isdir(model) or model.startswith(("/", ".", "~")) or model.count("/") != 1:  # a path, not org/name
-        if npo_data.local_config(model) is None:
-            why = "no config.json there (not a saved checkpoint)" if os.path.isdir(model) else "no such directory"
-            sys.exit(f"error: --model {model}: {why}; give a checkpoint directory, a hub id such as Qwen/Qwen3-8B, or tiny")
-        return npo_data.local_config(model)
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(model).to_dict()
-    except Exception as e:  # noqa: BLE001  (OSError, ValueError, requests' errors: each says why in its first line)
-        sys.exit(f"error: --model {model}: not a local directory, and no config from the hub or its cache "
-                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-
 def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
-    return "vision_config" in model_config(model)
+    return "vision_config" in npo_data.model_config(model)
 
 def flash_attention_works():
     """flash-attn (optional, no wheel; else sdpa) on a GPU when it imports: a broken build passes find_spec."""
@@ -1406,7 +1388,7 @@ def setup(args):
             json.dump(vars(args), f, indent=1)
     dist.barrier()
     path = model_path(args)
-    cfg, need = model_config(path), args.max_prompt_tokens + args.max_new_tokens  # every engine: the model's positions
+    cfg, need = npo_data.model_config(path), args.max_prompt_tokens + args.max_new_tokens  # every engine: its positions
     positions = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
     if positions and need > positions:
         sys.exit(f"error: --max_prompt_tokens {args.max_prompt_tokens} + --max_new_tokens {args.max_new_tokens} = {need} "
@@ -1603,39 +1585,15 @@ def model_flops(trainer, tokens, head_tokens, passes=1):
     return 2 * passes * (tokens * body + head_tokens * head)
 
 def step_metrics(trainer, step, batch, info, stats):
-    """One step's metrics.jsonl record: everything reduced over ranks by merge_stats' rule."""
-    r, mixed = batch["on_policy_rewards"], batch["rewards"]
+    """One step's metrics.jsonl record (report.step_record): its sums reduced over ranks by merge_stats' rule."""
+    r, mixed, a = batch["on_policy_rewards"], batch["rewards"], trainer.args
     local = {"reward_sum": r.sum().item(), "correct_sum": (r >= 1).sum().item(), "n_seq": r.numel(),
              "mixed_correct_sum": (mixed >= 1).sum().item(), "kl_sum": 0.0, **info, **stats}
     tot = reduce_stats({k: v for k, v in local.items() if k not in ("generate_s", "score_s", "train_s")}, trainer.device)
-    per = lambda k, n: tot[k] / max(tot[n], 1)  # noqa: E731
-    n_opt = trainer.world * max(1, stats["optimizer_steps"])
-    rec = {"step": step + 1, "reward": per("reward_sum", "n_seq"), "accuracy": per("correct_sum", "n_seq"),
-           "entropy": per("entropy_sum", "resp_tokens"),
-           "response_len": tot["resp_tokens"] / max(tot["n_seq"] - tot["injected"], 1),  # on-policy samples
-           "zero_signal_share": per("zero_signal", "groups"), "all_wrong_share": per("all_wrong", "groups"),
-           # after injection (what the loss sees)
-           "accuracy_mixed": per("mixed_correct_sum", "n_seq"), "all_wrong_share_mixed": per("all_wrong_mixed", "groups"),
-           "rescued": int(tot["rescued"]), "injected": int(tot["injected"]),
-           "clipfrac_on": per("on_clipfrac_sum", "on_tokens"), "approx_kl": per("on_approx_kl_sum", "on_tokens"),
-           "ratio_mean_on": per("on_ratio_sum", "on_tokens"), "ratio_max_on": tot["on_ratio_max"],
-           "ratio_min_on": tot["on_ratio_min"],
-           # sampler mismatch pi_old / pi_sampler on sampled tokens (the TIS weight before its cap)
-           "tis_ratio_mean": per("tis_ratio_sum", "tis_tokens"), "tis_ratio_min": tot["tis_ratio_min"],
-           "tis_ratio_max": tot["tis_ratio_max"], "tis_capped": per("tis_capped_sum", "tis_tokens"),
-           "loss": tot["loss_sum"] / n_opt, "grad_norm": tot["grad_norm_sum"] / n_opt, "lr": trainer.args.lr,
-           "generate_s": info["generate_s"], "score_s": info["score_s"], "train_s": stats["train_s"],
-           "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
-           "train_tokens": int(tot["train_tokens"]), **peak_memory(trainer)}
-    if tot["guide_tokens"]:
-        rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"),
-                   ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
-                   ratio_max_guide=tot["guide_ratio_max"], ratio_min_guide=tot["guide_ratio_min"])
-    if trainer.args.kl_coef > 0:
-        rec["kl"] = tot["kl_sum"] / n_opt
-    a = trainer.args  # the training passes: old (and reference) log-probs, forward and backward per epoch
-    rec["train_flops"] = model_flops(trainer, rec["train_tokens"], tot["head_tokens"],
-                                     1 + 3 * a.ppo_epochs + (a.kl_coef > 0))
+    rec = {**report.step_record(tot, step + 1, a.lr, a.kl_coef > 0), "generate_s": info["generate_s"],
+           "score_s": info["score_s"], "train_s": stats["train_s"], **peak_memory(trainer)}
+    # the training passes: old (and reference) log-probs, then forward and backward per epoch
+    rec["train_flops"] = model_flops(trainer, rec["train_tokens"], tot["head_tokens"], 1 + 3 * a.ppo_epochs + (a.kl_coef > 0))
     return rec
 
 def track_step(trainer, state, step, rec, failed_rows, successes, old_logp):

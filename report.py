@@ -120,6 +120,36 @@ def close_metrics(sink):
             sink["wandb"].finish()
 
 
+def step_record(tot, step, lr, kl=False):
+    """A training step's metrics.jsonl record from its statistics summed (and max / min) over ranks (npo.step_metrics):
+    rates per sample, group and token; loss and gradient norm per optimizer step (of every rank)."""
+    per = lambda k, n: tot[k] / max(tot[n], 1)  # noqa: E731
+    n_opt = max(tot["optimizer_steps"], 1)
+    rec = {"step": step, "reward": per("reward_sum", "n_seq"), "accuracy": per("correct_sum", "n_seq"),
+           "entropy": per("entropy_sum", "resp_tokens"),
+           "response_len": tot["resp_tokens"] / max(tot["n_seq"] - tot["injected"], 1),  # on-policy samples
+           "zero_signal_share": per("zero_signal", "groups"), "all_wrong_share": per("all_wrong", "groups"),
+           # after injection (what the loss sees)
+           "accuracy_mixed": per("mixed_correct_sum", "n_seq"), "all_wrong_share_mixed": per("all_wrong_mixed", "groups"),
+           "rescued": int(tot["rescued"]), "injected": int(tot["injected"]),
+           "clipfrac_on": per("on_clipfrac_sum", "on_tokens"), "approx_kl": per("on_approx_kl_sum", "on_tokens"),
+           "ratio_mean_on": per("on_ratio_sum", "on_tokens"), "ratio_max_on": tot["on_ratio_max"],
+           "ratio_min_on": tot["on_ratio_min"],
+           # sampler mismatch pi_old / pi_sampler on sampled tokens (the TIS weight before its cap)
+           "tis_ratio_mean": per("tis_ratio_sum", "tis_tokens"), "tis_ratio_min": tot["tis_ratio_min"],
+           "tis_ratio_max": tot["tis_ratio_max"], "tis_capped": per("tis_capped_sum", "tis_tokens"),
+           "loss": tot["loss_sum"] / n_opt, "grad_norm": tot["grad_norm_sum"] / n_opt, "lr": lr,
+           "step_tokens": int(tot["gen_tokens"]), "prompt_tokens": int(tot["prompt_tokens"]),
+           "train_tokens": int(tot["train_tokens"])}
+    if tot["guide_tokens"]:
+        rec.update(clipfrac_guide=per("guide_clipfrac_sum", "guide_tokens"),
+                   ratio_mean_guide=per("guide_ratio_sum", "guide_tokens"),
+                   ratio_max_guide=tot["guide_ratio_max"], ratio_min_guide=tot["guide_ratio_min"])
+    if kl:
+        rec["kl"] = tot["kl_sum"] / n_opt
+    return rec
+
+
 def step_line(mode, steps, step, rec):
     """The line a training step prints."""
     ev = f" | eval greedy {rec['eval_greedy']:.3f}" if "eval_greedy" in rec else ""
@@ -424,6 +454,66 @@ def qv_by_source(tables):
     return {k: {name: ci(v) for name, v in vals[k].items()} for k in sorted(vals, key=order)}
 
 
+def s_curve_verdict(rows, z=2.0):
+    """The criterion written before the Figure 2 measurement: S(Delta) of the near-future guide has an interior
+    maximum when the Delta with the largest S is neither the smallest nor the largest measured, and its S is above
+    S at both ends by more than z standard errors of the difference (SE of S: Q_se / V; the two taken as
+    independent). rows: one curve's future rows. Returns (verdict, Delta of the largest S)."""
+    fut = sorted((r for r in rows if r["source"] == "future"), key=lambda r: r["delta"])
+    if len(fut) < 3:
+        return "fewer than 3 Deltas", None
+    se = [r["Q_se"] / (r["V"] or 1.0) for r in fut]  # (no trajectory to weigh: S is 0, V unknown)
+    top = max(range(len(fut)), key=lambda i: fut[i]["S"])
+    if top in (0, len(fut) - 1):
+        return ("smallest" if top == 0 else "largest") + " Delta", fut[top]["delta"]
+    clear = all(fut[top]["S"] - fut[e]["S"] > z * math.hypot(se[top], se[e]) for e in (0, len(fut) - 1))
+    return ("interior maximum" if clear else "interior, within noise of an end"), fut[top]["delta"]
+
+
+def qv_curves(paths):
+    """Every qv_curve.json (one per GRPO run): each curve's verdict, and per moment s the mean over seeds (95%
+    interval) of Q, V and S at each Delta and of every other source."""
+    rows = [r for p in paths for r in json.load(open(p))]
+    curves = {}
+    for r in rows:
+        curves.setdefault((r["seed"], r["s"]), []).append(r)
+    verdicts = {f"seed {seed}, s {s}": s_curve_verdict(c) for (seed, s), c in sorted(curves.items())}
+    by_moment = {}
+    for r in rows:
+        key = f"future D{r['delta']}" if r["source"] == "future" else r["source"]
+        for name in ("Q", "V", "S", "log_V_traj", "pool_prompts"):
+            by_moment.setdefault(r["s"], {}).setdefault(key, {}).setdefault(name, []).append(r[name])
+    order = lambda k: (not k.startswith("future"), int(k[8:]) if k.startswith("future") else 0, k)  # noqa: E731
+    return {"verdicts": verdicts, "by_moment": {s: {k: {n: ci(v) for n, v in d[k].items()} for k in sorted(d, key=order)}
+                                                for s, d in sorted(by_moment.items())}, "rows": rows}
+
+
+def plot_qv_curves(result, path):
+    """Figure 2(b, c): Q, V and S of the near-future guide against Delta (mean over seeds, 95% interval), one column
+    per moment s, with the other sources as horizontal reference lines on the S panel."""
+    plt = _pyplot()
+    moments = list(result["by_moment"])
+    fig, axes = plt.subplots(3, len(moments), figsize=(5 * len(moments), 9), squeeze=False)
+    for j, s in enumerate(moments):
+        d = result["by_moment"][s]
+        fut = sorted((int(k[8:]), v) for k, v in d.items() if k.startswith("future"))
+        x = [k for k, _ in fut]
+        for i, name in enumerate(("Q", "V", "S")):
+            ax = axes[i][j]
+            ax.errorbar(x, [v[name]["mean"] for _, v in fut], yerr=[v[name]["ci95"] or 0 for _, v in fut], fmt="o-",
+                        color="C0", label="near future theta_{s+Delta}")
+            if name == "S":
+                for k, c in zip(("past", "self", "external", "teacher"), ("C1", "C2", "C3", "C4")):
+                    if k in d and d[k]["S"]["mean"] is not None:
+                        ax.axhline(d[k]["S"]["mean"], color=c, ls="--", label=k)
+            ax.set_title(f"{name}(Delta), learner theta_{s}")
+            ax.set_xlabel("Delta (steps ahead)")
+        axes[2][j].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # Dense bf16 FLOP/s of one GPU, by torch.cuda.get_device_name(); the first name it contains wins ("NVIDIA H100
 # 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are slower).
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
@@ -650,7 +740,22 @@ if __name__ == "__main__":
     p.add_argument("command", nargs="*", help="the command that made it (written into results.json)")
     p.add_argument("--horizon", type=int, default=None, help="the comparison's length in steps (GRPO is read there); "
                    "default: the shortest other run's")
+    p.add_argument("--qv", action="store_true", help="RUNS... are GRPO runs measured by `bash run.sh qv`: the S(Delta) "
+                   "curves, their verdicts and qv_curves.png in the first one's parent directory")
     a = p.parse_args()
+    if a.qv:
+        res = qv_curves([os.path.join(r, "qv_curve.json") for r in [a.runs, *a.command]])
+        for key, (verdict, delta) in res["verdicts"].items():
+            print(f"S(Delta), {key}: {verdict} (largest S at Delta {delta})")
+        for s, d in res["by_moment"].items():
+            for key, v in d.items():
+                print(f"  s {s} {key:>11}: Q {_fmt(v['Q'])}, V {_fmt(v['V'])}, S {_fmt(v['S'], 4)}, whole-trajectory "
+                      f"ln V {_fmt(v['log_V_traj'], 1)}, {_fmt(v['pool_prompts'], 0)} prompts")
+        out = os.path.dirname(os.path.abspath(a.runs))
+        with open(os.path.join(out, "qv_curves.json"), "w") as f:
+            json.dump(_json_safe({k: res[k] for k in ("verdicts", "by_moment")}), f, indent=1)
+        plot_qv_curves(res, os.path.join(out, "qv_curves.png"))
+        sys.exit(0)
     if not os.path.isdir(a.runs):
         p.error(f"{a.runs}: no such directory (bash run.sh writes runs/compare)")
     write_report(a.runs, " ".join(a.command), a.horizon)

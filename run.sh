@@ -18,11 +18,14 @@
 #                        GRPOTrainer, from requirements-bench.txt) on one long-tailed batch; then (not with
 #                        `tokens`) seconds per GRPO step by phase: HF vs vLLM at two sizes, 1 process vs 2 ranks
 #   bash run.sh bench resume  what a resume reads of a checkpoint at a real run's pool sizes, lists vs tensors
+#   bash run.sh qv RUN...  the paper's Figure 2(b, c) on GRPO runs' checkpoints (one every 10 steps): for a learner
+#                        theta_s (s = 20 and 170), Q, V, S of theta_{s+Delta} as guides and of the other sources,
+#                        each run's qv_curve.json, then the curves' verdicts and qv_curves.png beside the runs
 # Flags after the options go to every training run, e.g.  bash run.sh --seeds 0,1 --lr 5e-5
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=main
-case "${1:-}" in main|gpu|gpu-check|vl|setup|bench) mode="$1"; shift ;; esac
+case "${1:-}" in main|gpu|gpu-check|vl|setup|bench|qv) mode="$1"; shift ;; esac
 PY=.venv/bin/python
 
 setup() {
@@ -355,5 +358,7 @@ case "$mode" in
   gpu) gpu "$@" ;;
   vl) vl "$@" ;;
   bench) bench "$@" ;;
-  *) echo "usage: bash run.sh [main|gpu|gpu-check|vl|setup|bench] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
+  qv) for run in "$@"; do $PY test_npo.py qv_curve "$run" 2>&1 | tee "$run/qv_curve.log" | screen "^qv \||$WARN"; done
+      $PY report.py --qv "$@" ;;
+  *) echo "usage: bash run.sh [main|gpu|gpu-check|vl|setup|bench|qv] [--seeds 0,1,2] [--quick] [--methods ...] [training flags...]"; exit 2 ;;
 esac

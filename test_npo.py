@@ -1489,23 +1489,34 @@ def test_source_qv_matches_per_trajectory_float64(world_of_one):
                 for n in torch.randint(1, 6, (k,), generator=g)] for r, k in ((0, 2), (2, 1), (5, 3), (6, 0))}
     got = npo.source_qv(trainer, sols, [0, 1, 2, 6], {0: False, 1: True, 2: True, 6: False})
     ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    logw = []  # one trajectory per solved prompt of the pool (rows 0 and 2; row 5 is not in the pool)
+    d = []  # per-token log-ratios of one trajectory per solved prompt of the pool (rows 0 and 2; row 5 is not in it)
     for r in (0, 2):
         ids, src = sols[r][0]
         x = torch.tensor([prompts[r] + ids])
         with torch.no_grad():
             lp = torch.log_softmax(ref_model(input_ids=x).logits[0, len(prompts[r]) - 1:-1] / args.temperature, -1)
-        logw.append(sum(lp[t, tok_].item() - src[t] for t, tok_ in enumerate(ids)))
-    assert got["trajectories"] == len(logw) == 2 and got["pool_prompts"] == 4
+        d.append([lp[t, tok_].item() - src[t] for t, tok_ in enumerate(ids)])
+    assert got["trajectories"] == len(d) == 2 and got["pool_prompts"] == 4
     # source solves rows 0 and 2, the learner 1 and 2: differences 1, -1, 0, 0
     assert got["Q"] == pytest.approx(0.0) and got["Q_se"] == pytest.approx(math.sqrt(2 / 3) / 2)
     assert got["learner_pass"] == 0.5
-    var_l = (logw[0] - logw[1]) ** 2 / 2
-    v = math.exp(var_l)
-    assert got["log_V"] == pytest.approx(var_l, rel=1e-4) and got["V"] == pytest.approx(v, rel=1e-4)
+    w = [math.exp(x) for xs in d for x in xs]
+    v = len(w) * sum(x * x for x in w) / sum(w) ** 2                    # per token
+    assert got["V"] == got["V_token"] == pytest.approx(v, rel=1e-4) and got["log_V"] == pytest.approx(math.log(v), rel=1e-4)
+    assert got["log_V_traj"] == pytest.approx((sum(d[0]) - sum(d[1])) ** 2 / 2, rel=1e-4)  # whole trajectories
     assert got["V"] > 1 and got["S"] == 0
     got = npo.source_qv(trainer, sols, [0, 2], {0: False, 2: False})
     assert got["Q"] == 1.0 and got["S"] == pytest.approx(1 / v, rel=1e-4)
+    # the learner as its own source (Delta = 0): its log-probs are the ones scored here, so V is 1 exactly
+    own = npo.source_qv(trainer, sols, [0, 2], {0: False, 2: False}, learner_is_source=True)
+    assert own["V"] == 1.0 and own["log_V_traj"] == 0.0 and own["S"] == own["Q"] == 1.0
+    # a source that solves with a probability (the past, on an m-sample budget): Q is the mean difference
+    part = npo.source_qv(trainer, sols, [0, 2], {0: False, 2: True}, solved={0: 0.25, 2: 0.75})
+    assert part["Q"] == pytest.approx((0.25 + (0.75 - 1)) / 2)
+    args.variance_cost = "trajectory"
+    assert npo.source_qv(trainer, sols, [0, 2], {0: False, 2: False})["V"] == pytest.approx(
+        math.exp((sum(d[0]) - sum(d[1])) ** 2 / 2), rel=1e-3)
+    args.variance_cost = "token"
 
 
 @SLOW
@@ -2178,6 +2189,24 @@ def test_disk_check_refuses_a_disk_just_below_a_real_runs_peak(sft_model, tmp_pa
     with pytest.raises(SystemExit, match="error: the run needs"):
         npo.check_disk(args, params, torch.device("cpu"))
 
+@SLOW
+def test_qv_curve_measures_later_checkpoints_of_a_grpo_run_on_the_same_prompts(sft_model, unreachable_data, tmp_path):
+    """`bash run.sh qv` on a GRPO run with a checkpoint every 2 steps, on rows no sample can solve (forced paths):
+    for the learner at step 2, the guides at steps 4 and 6 (Delta 2, 4) and the other sources are measured on the
+    same failed prompts; the guides, the past and the learner itself solve none (Q 0), the reference answers all."""
+    run_dir = tmp_path / "grpo"
+    train([*GRPO, *UNREACHABLE, "--model", sft_model, "--steps", "8", "--save_every", "2", "--keep_checkpoints", "100",
+           "--no_save_model", "--data", unreachable_data], run_dir)
+    rows = qv_curve(str(run_dir), at="2", deltas="2,4,20")  # (no checkpoint at 22: Delta 20 is left out)
+    assert [(r["source"], r["delta"]) for r in rows] == [("future", 2), ("future", 4), ("past", 0), ("self", 0),
+                                                         ("external", 0), ("teacher", 0)]
+    assert len({r["pool_prompts"] for r in rows}) == 1 and rows[0]["pool_prompts"] > 0
+    by = {r["source"]: r for r in rows}
+    assert by["self"]["Q"] == by["future"]["Q"] == by["past"]["Q"] == 0 and by["self"]["S"] == 0
+    assert by["external"]["Q"] == 1 and by["external"]["V"] >= 1 and by["external"]["trajectories"] == rows[0]["pool_prompts"]
+    assert report.s_curve_verdict(rows) == ("fewer than 3 Deltas", None)
+    assert json.load(open(run_dir / "qv_curve.json"))[0]["source"] == "future"
+
 def reshard_worker(path, out, phase):
     """Under torchrun: `save` takes an optimizer step, gives every rank NPO pools of its own prompts (mistake
     pool and past successes of steps 0-2, a guide pool for step 3) and saves a checkpoint, with the gathered
@@ -2388,7 +2417,7 @@ def test_npo_bootstrap_and_breakthrough_single_process(sft_model, tmp_path):
     assert [(e["reason"], e["step"], e["delta"]) for e in ev] == [("bootstrap", 2, 2), ("breakthrough", 5, 2)]
     for e in ev:  # one candidate Delta, measured for every kind of source
         assert [r["source"] for r in e["table"]] == ["future", "past", "self", "external", "teacher"]
-        assert all({"Q", "V", "log_V", "V_geomean", "S"} <= r.keys() and r["delta"] == 2 for r in e["table"])
+        assert all({"Q", "V", "log_V", "V_token", "log_V_traj", "S"} <= r.keys() and r["delta"] == 2 for r in e["table"])
         assert 0 <= e["guide_solved_share"] <= 1
     steps = steps_of(m)
     # 2 steps, roll back to 0, 5 steps, roll back to 3, 3 steps: 10 steps of compute for 6 optimizer steps
@@ -2429,13 +2458,13 @@ def test_autonpo_single_process(sft_model, tmp_path):
     assert {r["delta"] for r in ev[0]["table"] if r["source"] != "future"} == {4}  # baselines once, at the largest
     assert ev[0]["qv_flops"] == pytest.approx(ev[0]["compute_flops"] - steps_of(m)[3]["compute_flops"] - ev[0]["guide_flops"])
     assert m[-1]["eval_flops"] > m[0]["eval_tokens"] > 0
-    if "skipped" not in ev[0]:
-        assert ev[0]["delta"] == max(table, key=lambda r: (r["S"], -r["delta"]))["delta"]
+    if "skipped" not in ev[0]:  # the largest S among the Deltas whose Q is significant
+        assert ev[0]["delta"] == npo.select_delta(table, min_delta=2)[0]["delta"]
     for r in ev[0]["table"]:  # the references (and the teacher's) are all correct: they solve every failed prompt
         if r["source"] in ("external", "teacher"):
             assert r["Q"] == pytest.approx(1.0 - r["learner_pass"] if r["pool_prompts"] else 0.0)
-        if r["source"] == "self":  # the learner's own samples, rescored by the learner: w = 1, V = 1 by construction
-            assert r["log_V"] is None or r["log_V"] < 1e-6
+        if r["source"] == "self":  # the learner's own samples, scored by the learner: w = 1, V = 1 exactly
+            assert r["V"] is None or r["V"] == 1.0
         assert r["V"] is None or r["V"] >= 1 - 1e-12
 
 
@@ -3154,6 +3183,62 @@ def reference_forward_logprobs(model, batch, idx, temperature, device, entropy=F
     return lp, (npo.token_entropy(logits.detach()) if entropy else None)
 
 
+def qv_curve(run, at="20,170", deltas="10,20,30,40,50,60", out=None):
+    """`bash run.sh qv RUN...`: the paper's Figure 2(b, c) on a GRPO run's checkpoints (one every 10 steps). For a
+    fixed learner theta_s (s in `at`), Q, V and S of the same run's later checkpoints theta_{s+Delta} as guides, on
+    the same failed prompts (the learner's all-wrong groups of steps [s, s + 10), as AutoNPO's pool windows; 10: the
+    run's checkpoint interval), beside
+    past (its replay at s), self (m more samples of theta_s), external and teacher, each scored by the trainer.
+    Writes <out>/qv_curve.json (default <run>/qv_curve.json) with one row per (s, source, Delta)."""
+    saved = json.load(open(os.path.join(run, "args.json")))
+    flags = ["--model", saved["model"], "--data", saved["data"], "--max_new_tokens", str(saved["max_new_tokens"]),
+             "--group_size", str(saved["group_size"]), "--guide_samples", str(saved["guide_samples"]),
+             "--prompts_per_step", str(saved["prompts_per_step"]), "--seed", str(saved["seed"]), "--eval_size", "8",
+             "--out", os.path.join(out or run, "qv_scratch"), "--mode", "autonpo", "--no_save_model"]
+    flags += ["--difficulty", saved["difficulty"]] if saved.get("difficulty") else []
+    flags += ["--train_size", str(saved["train_size"])] if saved.get("train_size") else []
+    trainer = npo.setup(npo.parse_args(flags))
+    a, ckpts = trainer.args, {}
+    for d in npo.complete_checkpoints(run):
+        ckpts[json.load(open(os.path.join(d, "meta.json")))["step"]] = d
+    rows = []
+
+    def load(step):  # the policy of `step` into trainer and engine; its NPO pools
+        meta, extras = npo.load_state(ckpts[step], trainer.model, rng=False)
+        npo.sync_weights(trainer.engine, trainer.model)
+        return npo.unpack_state(extras[0]["npo"])
+    gap = min(b - a for a, b in zip(sorted(ckpts), sorted(ckpts)[1:]))  # the run's checkpoint interval (10)
+    for s in map(int, at.split(",")):
+        ds = [d for d in map(int, deltas.split(",")) if s + d in ckpts]
+        pool = load(s + gap)["mistake_pool"]
+        failed = sorted({r for step, r in pool if s <= step < s + gap})
+        guides = {}
+        for d in ds:  # each guide's correct samples, log pi_guide scored by the trainer under the guide
+            load(s + d)
+            sols, _ = npo.sample_correct(trainer, failed)
+            guides[d] = npo.score_solutions(trainer, {r: v[:1] for r, v in sols.items()})[0]
+        state = load(s)
+        learner, _ = npo.sample_correct(trainer, failed)
+        solved = {r: bool(v) for r, v in learner.items()}
+        again, _ = npo.sample_correct(trainer, failed)
+        past, p_solved = npo.past_solutions(state["replay"], state["mistake_pool"], failed, a.guide_samples,
+                                            a.group_size, s)
+        sources = [("future", d, guides[d], {}) for d in ds] + [
+            ("past", 0, past, {"solved": p_solved}), ("self", 0, again, {"learner_is_source": True}),
+            *((x, 0, npo.reference_solutions(trainer, failed, x), {}) for x in ("external", "teacher"))]
+        for source, d, sols, kw in sources:
+            r = {"seed": saved["seed"], "s": s, "source": source, "delta": d,
+                 **npo.source_qv(trainer, sols, failed, solved, **kw)}
+            rows.append(r)
+            print(f"qv | seed {r['seed']} | s {s} | {source:8} | Delta {d:2} | Q {r['Q']:+.3f} +- {r['Q_se']:.3f} | "
+                  f"V {r['V']:.3f} | S {r['S']:+.4f} | whole-trajectory ln V {r['log_V_traj']:.1f} | "
+                  f"{r['pool_prompts']} prompts", flush=True)
+    with open(os.path.join(out or run, "qv_curve.json"), "w") as f:
+        json.dump(report._json_safe(rows), f, indent=1)
+    npo.close(trainer)
+    return rows
+
+
 def resume_bench(out="runs/bench/resume", successes="4096", tokens="4096", world="8"):
     """`bash run.sh bench resume`: what a resume reads of one rank's checkpoint file at a real run's size (the default
     --replay_size of past successes of 4096-token responses), as Python lists (before) and as tensors (pack_state),
@@ -3315,7 +3400,7 @@ if __name__ == "__main__":  # worker entry points for the tests above (run as su
     {"vllm_worker": vllm_worker, "empty_rank_worker": empty_rank_worker,
      "sync_worker": sync_worker, "gpu_check": gpu_check,
      "banned_worker": banned_worker, "distinct_worker": distinct_worker, "ppo_grads_worker": ppo_grads_worker,
-     "token_bench": token_bench, "resume_bench": resume_bench, "reshard_worker": reshard_worker, "bpe_worker": bpe_worker,
+     "token_bench": token_bench, "resume_bench": resume_bench, "qv_curve": qv_curve, "reshard_worker": reshard_worker, "bpe_worker": bpe_worker,
      "main": lambda *argv: npo.main(list(argv))}[sys.argv[1]](*sys.argv[2:])
     npo.close()  # the worker's locals (its FSDP2 model) are gone: the process group can be destroyed, threads and all
     assert not gloo_threads(), f"gloo threads still running after npo.close(): {gloo_threads()}"
