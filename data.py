@@ -35,7 +35,9 @@ import json
 import os
 import random
 import re
+import shutil
 import string
+import subprocess
 import sys
 
 import torch
@@ -357,6 +359,21 @@ def load_data(spec, difficulty=None, eval_spec=None, n_eval=1_000, eval_frac=0.1
     return train[:n_train], evals[:n_eval]
 
 
+def prepare_data(args, tokenizer, processor=None, log=print):
+    """The run's ((train rows, their prompts), (eval rows, their prompts)) from --data / --eval_data, encoded with the
+    chat template; DataError naming the file, row and field of anything wrong. Rows over --max_prompt_tokens stop the
+    run, or with --filter_overlong_prompts are dropped with a line that says how many."""
+    out = []
+    train, held_out = load_data(args.data, args.difficulty, args.eval_data, args.eval_size, n_train=args.train_size)
+    for rows, where in ((train, args.data), (held_out, args.eval_data or f"{args.data} (eval split)")):
+        out.append(encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
+                                  args.filter_overlong_prompts, args.chat_template_kwargs))
+        if len(out[-1][0]) < len(rows):
+            log(f"data: dropped {len(rows) - len(out[-1][0])} of {len(rows)} rows of {where} whose prompt is over "
+                "--max_prompt_tokens (--filter_overlong_prompts)")
+    return out
+
+
 def sft_response(row):
     """The SFT target (and the external source's reference) of a row: its worked solution where the
     task has one (mulsteps' scratchpad), else the bare answer."""
@@ -430,6 +447,41 @@ def unpack_trajectories(t):
     n = t["len"].tolist()
     ids, lps = (t["ids"].split(n), t["logps"].split(n)) if n else ((), ())
     return [(k, a.tolist(), b.tolist()) for k, a, b in zip(t["key"].tolist(), ids, lps)]
+
+
+def pack_pools(state):
+    """NPO's state (npo.NPOState's fields) as a checkpoint stores it: the pools of trajectories (past successes, the
+    guide pool) and the mistake pool as tensors, which a resume reads in seconds at a real run's sizes."""
+    d = dict(state)  # (not a deep copy: that of millions of numbers is what this avoids)
+    d["mistake_pool"] = torch.tensor(d["mistake_pool"], dtype=torch.int64).view(-1, 2)
+    d["replay"] = {"step": torch.tensor([e[0] for e in d["replay"]], dtype=torch.int64),
+                   **pack_trajectories([e[1:] for e in d["replay"]])}
+    d["guide_pool"] = pack_trajectories([(r, *x) for r, v in d["guide_pool"].items() for x in v])
+    return d
+
+
+def unpack_pools(d):
+    """pack_pools' inverse: the fields NPOState(**d) takes."""
+    guide = {}
+    for r, ids, lps in unpack_trajectories(d["guide_pool"]):
+        guide.setdefault(r, []).append((ids, lps))
+    replay = [(s, *x) for s, x in zip(d["replay"]["step"].tolist(), unpack_trajectories(d["replay"]))]
+    return {**d, "mistake_pool": [tuple(e) for e in d["mistake_pool"].tolist()], "replay": replay, "guide_pool": guide}
+
+
+def reshard_pools(pools, step, owned):
+    """NPO's pools in a checkpoint written by another number of ranks (one unpack_pools dict per writer, or None): the
+    run-wide fields are the first writer's; the per-rank pools (mistake pool, past successes, guide pool) are merged
+    and this rank keeps the entries of the prompts it owns now (owned(s): its rows of step s under the data order,
+    a function of the step). The per-rank RNG streams (sampling, minibatch shuffles) start anew."""
+    if not pools[0]:
+        return pools[0]
+    out = dict(pools[0])
+    for key in ("mistake_pool", "replay"):
+        out[key] = sorted((e for x in pools for e in x[key] if e[1] in owned(e[0])), key=lambda e: e[0])
+    window = set().union(*(owned(s) for s in range(step, out["guide_until"])))
+    out["guide_pool"] = {r: v for x in pools for r, v in x["guide_pool"].items() if r in window}
+    return out
 
 
 def left_pad(seqs, pad_id, width=None):
@@ -621,6 +673,7 @@ def local_config(model):
         return json.load(f)
 
 
+# What the model on disk and the machine allow, checked before anything heavy starts (npo.resolve_defaults, setup)
 @functools.lru_cache(maxsize=None)  # asked by several loaders; for a hub id it is a network call
 def model_config(model):
     """--model's config as a dict (the embedded model's before it is built: {}), or a clear stop: a directory without
@@ -638,6 +691,39 @@ def model_config(model):
     except Exception as e:  # noqa: BLE001  (OSError, ValueError, requests' errors: each says why in its first line)
         sys.exit(f"error: --model {model}: not a local directory, and no config from the hub or its cache "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def model_positions(model):
+    """The positions a model has (max_position_embeddings, of its text model for a VL one), None if it does not say."""
+    cfg = model_config(model)
+    return cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+
+
+def flash_attention_works():
+    """flash-attn (optional, no wheel; else sdpa) on a GPU when it imports: a broken build passes find_spec."""
+    from transformers.utils import is_flash_attn_2_available
+    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
+        return False
+    try:
+        import flash_attn  # noqa: F401  (loads the compiled kernels)
+    except Exception as e:  # an ABI mismatch raises ImportError, OSError or worse
+        print(f"warning: flash-attn is installed but does not import ({e}); using sdpa", file=sys.stderr)
+        return False
+    return True
+
+
+def gpus_unusable():
+    """Stop when nvidia-smi sees GPUs that torch cannot use (torch 2.13's CUDA 13 wheels need driver >= 580): such
+    a machine must not quietly train on its CPU. CUDA_VISIBLE_DEVICES="" runs on the CPU on purpose."""
+    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
+        return
+    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip().splitlines()
+    if gpus:
+        raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver), torch "
+                         f"{torch.__version__} (CUDA {torch.version.cuda}) none: torch 2.13 and vllm 0.32.0 from PyPI (CUDA 13) "
+                         "need driver >= 580; bash run.sh setup says what works with an older one. CPU on purpose: "
+                         "CUDA_VISIBLE_DEVICES=")
 
 
 def is_embedded(model):

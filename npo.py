@@ -1,20 +1,18 @@
 """npo.py: GRPO, Near-Future Policy Optimization (NPO) and AutoNPO for RL with verifiable rewards.
 
-NPO in one paragraph. GRPO samples G responses per prompt, rewards each with a verifier and pushes
-up the ones that beat their group's mean; a group that is all wrong teaches nothing. NPO borrows
-from the policy's own near future: train ahead Delta steps to theta_t, roll back to theta_{t-Delta},
-and retrain with theta_t as the *guide*: in a group whose accuracy is below 0.6, one incorrect
-sample is replaced by a verified-correct guide sample, and the GRPO objective is unchanged (old
-log-probs recomputed by the current policy for every token). A source of such samples is judged by
-Q (on the prompts the learner fails, how much more often the source solves them than the learner
-does itself) and V (how much its importance weights inflate the gradient's variance, 1 on-policy);
-AutoNPO intervenes when online signals fire (sparse reward, entropy collapse, reward stagnation)
-and picks the rollback distance Delta that maximises S = Q / V over a ring buffer of checkpoints.
-Paper: arXiv 2604.20733.
+NPO in one paragraph. GRPO samples G responses per prompt, rewards each with a verifier and pushes up the ones that
+beat their group's mean; a group that is all wrong teaches nothing. NPO borrows from the policy's own near future:
+train ahead Delta steps to theta_t, roll back to theta_{t-Delta}, and retrain with theta_t as the *guide*: in a group
+whose accuracy is below 0.6, one incorrect sample is replaced by a verified-correct guide sample, and the GRPO
+objective is unchanged (old log-probs recomputed by the current policy for every token). A source of such samples is
+judged by Q (on the prompts the learner fails, how much more often the source solves them than the learner does
+itself) and V (how much its importance weights inflate the gradient's variance, 1 on-policy); AutoNPO intervenes when
+online signals fire (sparse reward, entropy collapse, reward stagnation) and picks the rollback distance Delta that
+maximises S = Q / V over a ring buffer of checkpoints. Paper: arXiv 2604.20733.
 
 Run it (the default --model tiny is data.build_tiny's ~1M-parameter Qwen3 with a character tokenizer,
 built from a config and loaded like any checkpoint; tiny-vl is its Qwen3-VL twin)
-    bash run.sh                                               # CPU: SFT base, then GRPO / NPO / AutoNPO / external
+    bash run.sh                                               # CPU: an SFT base, then GRPO / NPO / AutoNPO on seed 0
     python npo.py --mode sft --out runs/sft                   # embedded tiny model, synthetic products
     python npo.py --mode grpo --model runs/sft/model --out runs/grpo
     python npo.py --mode npo --bootstrap_delta 30 --model runs/sft/model --out runs/npo
@@ -106,8 +104,8 @@ def parse_args(argv=None):
     g.add_argument("--gen_batch_size", type=int, default=512, help="sequences per HF generate() call")
     g.add_argument("--rollout", default="auto", choices=["auto", "vllm", "hf"], help="generation engine; auto: vllm "
                    "when installed, hf for the embedded model with answers of <= 32 tokens")
-    g.add_argument("--vllm_memory", type=float, default=None, help="GPU: share of the device vLLM takes while awake (weights, "
-                   "activations, KV cache); default what the trainer leaves: 1 - (12 B x N / ranks + 4 GiB) / memory")
+    g.add_argument("--vllm_memory", type=float, default=None, help="GPU: device share vLLM takes awake (weights, KV "
+                   "cache); default: what the trainer leaves, 1 - (12 B x N / ranks + 4 GiB) / device memory")
     g.add_argument("--tis_cap", type=float, default=2.0, help="on-policy tokens weighted by min(pi_old / pi_sampler, "
                    "cap): truncated importance sampling for the train/inference mismatch (0: off)")
     g = p.add_argument_group("loss")
@@ -176,37 +174,11 @@ def is_vision_language(model):
     """An image-text checkpoint (its config has a vision_config), or the embedded 'tiny-vl'."""
     return "vision_config" in npo_data.model_config(model)
 
-def flash_attention_works():
-    """flash-attn (optional, no wheel; else sdpa) on a GPU when it imports: a broken build passes find_spec."""
-    from transformers.utils import is_flash_attn_2_available
-    if not (torch.cuda.is_available() and is_flash_attn_2_available()):
-        return False
-    try:
-        import flash_attn  # noqa: F401  (loads the compiled kernels)
-    except Exception as e:  # an ABI mismatch raises ImportError, OSError or worse
-        print(f"warning: flash-attn is installed but does not import ({e}); using sdpa", file=sys.stderr)
-        return False
-    return True
-
-def gpus_unusable():
-    """Stop when nvidia-smi sees GPUs that torch cannot use (torch 2.13's CUDA 13 wheels need driver >= 580): such
-    a machine must not quietly train on its CPU. CUDA_VISIBLE_DEVICES="" runs on the CPU on purpose."""
-    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
-        return
-    gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                          capture_output=True, text=True).stdout.strip().splitlines()
-    if gpus:
-        raise SystemExit(f"error: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0].strip()}: name, driver), torch "
-                         f"{torch.__version__} (CUDA {torch.version.cuda}) none: torch 2.13 and vllm 0.32.0 from PyPI (CUDA 13) "
-                         "need driver >= 580; bash run.sh setup says what works with an older one. CPU on purpose: "
-                         "CUDA_VISIBLE_DEVICES=")
-
 def resolve_defaults(args, p):
-    """Size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
-    for flag, least in (("group_size", 2), ("prompts_per_step", 1), ("guide_samples", 1), ("max_new_tokens", 1),
-                        ("micro_batch_size", 1), ("ppo_epochs", 1), ("eval_every", 1), ("ring_every", 1),
-                        ("ring_size", 1), ("keep_checkpoints", 1), ("sft_batch_size", 1), ("trigger_window", 2),
-                        ("stagnation_window", 3)):
+    """Every flag checked, then size-dependent defaults: CPU-sized for the embedded model, real-run values otherwise."""
+    for flag, least in dict(group_size=2, prompts_per_step=1, guide_samples=1, max_new_tokens=1, micro_batch_size=1,
+                            ppo_epochs=1, eval_every=1, ring_every=1, ring_size=1, keep_checkpoints=1, sft_batch_size=1,
+                            trigger_window=2, stagnation_window=3).items():
         if getattr(args, flag) is not None and getattr(args, flag) < least:  # (None: a size-dependent default)
             p.error(f"--{flag} {getattr(args, flag)}: must be at least {least}"
                     + (" (GRPO compares each sample with the others of its group)" * (flag == "group_size")))
@@ -224,9 +196,9 @@ def resolve_defaults(args, p):
     if args.rollout == "auto":  # vLLM's fixed cost per engine step outweighs a whole HF generate for tiny answers
         short = npo_data.is_embedded(args.model) and args.max_new_tokens <= 32
         args.rollout = "vllm" if importlib.util.find_spec("vllm") and not short else "hf"
-    gpus_unusable()
+    npo_data.gpus_unusable()
     args.dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-    args.attn = args.attn or ("flash_attention_2" if flash_attention_works() else "sdpa")
+    args.attn = args.attn or ("flash_attention_2" if npo_data.flash_attention_works() else "sdpa")
     args.ring_dir = args.ring_dir or os.path.join(args.out, "ring")
     args.uses_ring = args.mode in ("npo", "autonpo") and args.guide_source == "future"  # rollbacks need the ring
     args.min_delta = args.ring_every if args.min_delta is None else args.min_delta
@@ -413,18 +385,15 @@ def model_path(args):
 
 
 # ======== 5. Data ==============================================================================
-# rows -> chat prompts (token ids) -> padded batches, in data.py: load_data, encode_prompts, the data order (a
-# function of the step: prompts_for_step), the batch layout (make_batch), VL inputs (vision_inputs, vision_kwargs).
+# rows -> chat prompts -> batches, in data.py: prepare_data, the data order (prompts_for_step), make_batch, VL inputs.
 def step_rows(trainer, step, per_step=None):
     """This rank's rows of `step` under the run's settings (per_step: rows per step over all ranks, if not RL's)."""
     a, n = trainer.args, len(trainer.train_rows)
     return npo_data.prompts_for_step(step, n, per_step or a.prompts_per_step, a.seed, trainer.rank, trainer.world)
 
 # ======== 6. Rollout engine and rewards ========================================================
-# vllm: a colocated engine per rank (TP=1, the torchrun group reused), weights pushed in after every step;
-# hf: an unsharded transformers copy and HF generate. Both return the sampled tokens' log-probs.
-# What generate() samples: n per prompt (temperature 0: greedy), at most max_new_tokens each, stopping at eos_id;
-# batch_size: sequences per HF generate() call.
+# vllm: a colocated engine per rank (TP=1, the torchrun group reused), weights pushed in after every step; hf: an
+# unsharded transformers copy. Both return the sampled tokens' log-probs. Sampling: n per prompt (temperature 0: greedy).
 Sampling = namedtuple("Sampling", "n temperature top_p max_new_tokens eos_id pad_id batch_size", defaults=[512])
 
 def sampling(trainer, n, greedy=False):
@@ -443,9 +412,8 @@ def make_engine(path, args, device, max_images=0, processor=None):
     return make_vllm_engine(path, args, device, dtype, max_images, processor)
 
 def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
-    """One vLLM engine per rank inside the training process (vLLM 0.32). dtype is explicit: with
-    'auto' vLLM runs an fp32 checkpoint in bf16 where the CPU has it, and sampling then disagrees
-    with training before any update."""
+    """One vLLM engine per rank inside the training process (vLLM 0.32). dtype is explicit: with 'auto' vLLM runs an
+    fp32 checkpoint in bf16 where the CPU has it, and sampling then disagrees with training before any update."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process (external launcher)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     cpu_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TORCHDYNAMO_DISABLE": "1"}
@@ -456,8 +424,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
     # weights; vLLM-CPU pins torch's threads itself). A filter: vLLM's logging set-up resets their levels.
     for name in ("vllm.model_executor.model_loader.reload.layerwise", "vllm.v1.worker.cpu_worker"):
         logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.ERROR)
-    # the external launcher reads torchrun's variables; a plain `python npo.py` has none, so they
-    # are lent for the construction only (vLLM reuses the existing process group)
+    # the external launcher reads torchrun's variables: lent to a plain `python npo.py` for the construction only
     lent = {k: v for k, v in (("RANK", str(dist.get_rank())), ("LOCAL_RANK", "0"),
                               ("WORLD_SIZE", str(dist.get_world_size()))) if k not in os.environ}
     os.environ.update(lent)
@@ -471,9 +438,7 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
                   logprobs_mode="processed_logprobs",  # after temperature / top-p: the sampler's log-probs
                   enforce_eager=device.type == "cpu", gpu_memory_utilization=args.vllm_memory or 0.5,  # (setup sizes it)
                   enable_sleep_mode=device.type == "cuda", enable_prefix_caching=True,
-                  # a prefill split over engine steps rewinds a seeded sample's generator, which CPU
-                  # generators cannot do ("CPU Generator does not use offset")
-                  enable_chunked_prefill=device.type == "cuda")
+                  enable_chunked_prefill=device.type == "cuda")  # (CPU generators cannot rewind a split prefill)
     finally:
         for k in lent:
             os.environ.pop(k, None)
@@ -489,11 +454,9 @@ def make_vllm_engine(path, args, device, dtype, max_images=0, processor=None):
             f"{kv // (args.max_prompt_tokens + args.max_new_tokens)} sequences of the longest prompt and response"}
 
 def vllm_control(engine, action, weights=None):
-    """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0).
-    load: reload (HF name, tensor) pairs in place, then drop prefixes (and image features) cached
-    with the old weights; sleep: level 2 (weights discarded, buffers kept, KV cache freed: the next
-    load overwrites every weight, so nothing is copied to host memory); close (also destroys the
-    default process group)."""
+    """Every call whose spelling depends on the vLLM version, in one place (pinned: 0.32.0). load: reload (HF name,
+    tensor) pairs in place, then drop prefixes (and image features) cached with the old weights; sleep: level 2
+    (weights discarded: the next load overwrites them all; KV cache freed); close (also destroys the process group)."""
     llm = engine["llm"]
     if action == "sleep" and not engine["asleep"]:
         llm.sleep(level=2)
@@ -578,12 +541,10 @@ def _generate_vllm(engine, prompts, spec, vision=None):
 
 def _generate_hf(engine, prompts, spec, vision=None):
     from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-    model = engine["model"]
+    model, greedy = engine["model"], spec.temperature == 0
     device = next(model.parameters()).device
-    greedy = spec.temperature == 0
-    # every sampling knob explicit: a None would be filled from the checkpoint's generation_config or transformers'
-    # defaults (top_k=50). Temperature and top-p are our processors, followed by the one that keeps the log-prob
-    # of each sampled token (generate would put its own warpers after every processor passed in)
+    # every knob explicit: a None is filled from generation_config or transformers' defaults (top_k=50). Temperature
+    # and top-p are our processors, then the one keeping each sampled token's log-prob (generate's would come last)
     cfg = GenerationConfig(
         do_sample=not greedy, temperature=None if greedy else 1.0, top_p=None if greedy else 1.0,
         top_k=None if greedy else 0, repetition_penalty=1.0, max_new_tokens=spec.max_new_tokens,
@@ -592,8 +553,7 @@ def _generate_hf(engine, prompts, spec, vision=None):
     warp = [] if greedy else [TemperatureLogitsWarper(spec.temperature), TopPLogitsWarper(spec.top_p)]
     out, per_call = [], max(1, spec.batch_size // spec.n)
     for s in range(0, len(prompts), per_call):
-        ids, mask = npo_data.left_pad(prompts[s:s + per_call], spec.pad_id)          # [b, P]
-        ids = ids.to(device)
+        ids, mask = (x.to(device) for x in npo_data.left_pad(prompts[s:s + per_call], spec.pad_id))  # [b, P]
         vis = npo_data.vision_kwargs(vision[s:s + per_call], ids, model.config.image_token_id, device) if vision else {}
         chosen, last = [], []  # one step's [b*n, V] log-probs at a time, never all R of them
 
@@ -602,7 +562,7 @@ def _generate_hf(engine, prompts, spec, vision=None):
                 chosen.append(last.pop().gather(-1, input_ids[:, -1:]))
             last.append(torch.log_softmax(scores.float(), dim=-1))
             return scores
-        seqs = model.generate(input_ids=ids, attention_mask=mask.to(device), generation_config=cfg, **vis,
+        seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **vis,
                               logits_processor=LogitsProcessorList([*warp, keep_logprob]))
         new = seqs[:, ids.shape[1]:]                                                 # [b*n, R]
         logps = torch.cat(chosen + [last.pop().gather(-1, new[:, -1:])], dim=1).cpu()  # [b*n, R]
@@ -668,11 +628,10 @@ def token_entropy(logits):
     return -(logp.exp() * logp).sum(-1)
 
 def aggregate(per_token, mask, mode="token-mean", denom=None):
-    """Average a per-token quantity over the tokens in `mask` ([N, T] each).
-    token-mean: sum over tokens / number of tokens; seq-mean-token-mean: mean of per-sequence means.
-    `denom` replaces the count with the whole minibatch's (all micro-batches, all ranks / world),
-    so that gradient accumulation and FSDP's averaging give exactly the global mean. An empty
-    mask gives 0, and `where` keeps NaN/inf at padded positions out."""
+    """Average a per-token quantity over the tokens in `mask` ([N, T] each). token-mean: sum over tokens / number of
+    tokens; seq-mean-token-mean: mean of per-sequence means. `denom` replaces the count with the whole minibatch's
+    (all micro-batches, all ranks / world), so that gradient accumulation and FSDP's averaging give exactly the global
+    mean. An empty mask gives 0, and `where` keeps NaN/inf at padded positions out."""
     mask = mask.bool()
     x = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
     if mode == "token-mean":
@@ -798,9 +757,8 @@ def forward_logprobs(model, batch, idx, temperature, device, entropy=False, pack
     banned, head = npo_data.vision_token_ids(model.config), model.get_output_embeddings()
     chunk = max(1, LOGIT_CHUNK // head.out_features)
 
-    def logprob_head(h):  # the model calls its head inside its forward, where FSDP has gathered it
-        # one fp32 copy of the weight that every chunk reads (cast to h's dtype): the chunks' weight gradients add up
-        # in fp32 and reach the bf16 parameter rounded once, not once per chunk (~37 at 16k tokens, 151k vocabulary)
+    def logprob_head(h):  # the model calls its head inside its forward, where FSDP has gathered it. Every chunk reads
+        # one fp32 copy of the weight: their gradients add up in fp32, rounded to bf16 once, not once per chunk
         w = head.weight.float() if torch.is_grad_enabled() else head.weight
         linear = lambda x: torch.nn.functional.linear(x, w.to(x.dtype), head.bias)  # noqa: E731
         out = torch.stack(head_logprobs(linear, h[rows.to(device)], targets, temperature, banned, entropy, chunk))
@@ -879,20 +837,17 @@ def ppo_update(model, optim, sched, batch, args, device, gen):
 
 
 # ======== 9. Checkpoints and the ring buffer ===================================================
-# A training state on disk (checkpoint or ring snapshot) is a directory on a filesystem every rank sees: model and
-# optimizer through torch.distributed.checkpoint (any number of ranks reads them back), meta.json, rank<r>.pt (RNG,
-# extras), renamed when complete. In host memory (the guide theta_t) a rank's own shards (_host_copy, load_weights).
-def _host_copy(x):
-    """Detached CPU copy of a tensor (a DTensor's local shard), recursing into containers."""
-    if isinstance(x, torch.Tensor):
-        return (x.to_local() if isinstance(x, DTensor) else x).detach().to("cpu", copy=True)
-    if isinstance(x, dict):
-        return {k: _host_copy(v) for k, v in x.items()}
-    return x
+# A training state on disk (checkpoint or ring snapshot) is a directory every rank sees: model and optimizer through
+# torch.distributed.checkpoint (any number of ranks reads them), meta.json, rank<r>.pt (RNG, pools), renamed when
+# complete. In host memory (the guide theta_t): a rank's own shards (host_copy, load_weights).
+def host_copy(model):
+    """Detached CPU copies of this rank's model shards (a DTensor's local one), {name: tensor}."""
+    return {k: (v.to_local() if isinstance(v, DTensor) else v).detach().to("cpu", copy=True)
+            for k, v in model.state_dict().items()}
 
 @torch.no_grad()
 def load_weights(copy, model):
-    """Put a _host_copy of this rank's model shards back into the live model."""
+    """Put a host_copy of this rank's model shards back into the live model."""
     params = model.state_dict()
     for name, saved in copy.items():
         ref, saved = params[name], saved.to(params[name].device)
@@ -902,14 +857,13 @@ def load_weights(copy, model):
 _CRASH_COUNT = {}  # crash_point: times each named moment was passed in this process
 
 def crash_point(name):
-    """For tests: with NPO_CRASH_AT=name:k[:rank] set, SIGKILL this process the k-th time it passes
-    `name` (on that rank), to kill a run at an exact moment. A no-op otherwise."""
+    """For tests: with NPO_CRASH_AT=name:k[:rank] set, SIGKILL this process the k-th time it passes `name` (on that
+    rank), to kill a run at an exact moment. A no-op otherwise."""
     spec = os.environ.get("NPO_CRASH_AT", "").split(":")
-    if spec[0] != name or (len(spec) > 2 and int(spec[2]) != dist.get_rank()):
-        return
-    _CRASH_COUNT[name] = _CRASH_COUNT.get(name, 0) + 1
-    if _CRASH_COUNT[name] == int(spec[1]):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if spec[0] == name and (len(spec) < 3 or int(spec[2]) == dist.get_rank()):
+        _CRASH_COUNT[name] = _CRASH_COUNT.get(name, 0) + 1
+        if _CRASH_COUNT[name] == int(spec[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 def save_state(path, model, optim, sched, step, extra=None, meta=None, crash="checkpoint"):
     """Write the training state to directory `path`, complete or absent (every rank calls this). An optimizer
@@ -973,24 +927,6 @@ def save_checkpoint(out, model, optim, sched, step, keep, compute, extra=None, r
             shutil.rmtree(d, ignore_errors=True)
     dist.barrier()
 
-def pack_state(state):
-    """NPOState as a checkpoint stores it: the pools of trajectories (past successes, the guide pool) and the mistake
-    pool as tensors (data.pack_trajectories), which a resume reads in seconds at a real run's sizes."""
-    d = dict(vars(state))  # (not asdict: its deep copy of millions of numbers is what this avoids)
-    d["mistake_pool"] = torch.tensor(d["mistake_pool"], dtype=torch.int64).view(-1, 2)
-    d["replay"] = {"step": torch.tensor([e[0] for e in d["replay"]], dtype=torch.int64),
-                   **npo_data.pack_trajectories([e[1:] for e in d["replay"]])}
-    d["guide_pool"] = npo_data.pack_trajectories([(r, *x) for r, v in d["guide_pool"].items() for x in v])
-    return d
-
-def unpack_state(d):
-    """pack_state's inverse: the fields NPOState(**d) takes."""
-    guide = {}
-    for r, ids, lps in npo_data.unpack_trajectories(d["guide_pool"]):
-        guide.setdefault(r, []).append((ids, lps))
-    replay = [(s, *x) for s, x in zip(d["replay"]["step"].tolist(), npo_data.unpack_trajectories(d["replay"]))]
-    return {**d, "mistake_pool": [tuple(e) for e in d["mistake_pool"].tolist()], "replay": replay, "guide_pool": guide}
-
 def complete_checkpoints(out):
     """Complete checkpoint directories (renamed, with meta.json), oldest first."""
     root = os.path.join(out, "checkpoints")
@@ -1027,11 +963,10 @@ def ring_gc(ring, ring_dir, out=None):
             shutil.rmtree(os.path.join(ring_dir, name), ignore_errors=True)
 
 def disk_needs(args, params, world):
-    """Bytes on disk at the peak, by where: a snapshot (ring slot or checkpoint) is 12 B/parameter (fp32 weights, two
-    Adam moments), and a checkpoint adds each rank's NPO pools (at most --replay_size past successes, the guide pool of
-    the longest rollback and the mistake pool; 8 B a token). At once: --keep_checkpoints + 1 checkpoints (one being
-    written); K = --ring_size live ring snapshots + 1 being written + the K the newest checkpoint names (ring_gc);
-    the final model, 4 B/parameter."""
+    """Bytes on disk at the peak, by where. A snapshot (ring slot or checkpoint) is 12 B/parameter (fp32 weights, two
+    Adam moments); a checkpoint adds each rank's NPO pools (up to --replay_size past successes, the longest rollback's
+    guide pool, the mistake pool; 8 B a token). At once: --keep_checkpoints + 1 checkpoints; K = --ring_size ring
+    snapshots + 1 being written + the K the newest checkpoint names (ring_gc); the final model, 4 B/parameter."""
     snap, tokens = 12 * params, args.max_new_tokens + 1
     guide = args.ring_every * (args.ring_size - 1) * args.prompts_per_step * args.guide_samples  # all ranks
     pools = 8 * tokens * (world * args.replay_size + guide) + 16 * world * args.pool_size
@@ -1040,8 +975,7 @@ def disk_needs(args, params, world):
             "model": 4 * params * (not args.no_save_model), "ring": ring * args.uses_ring}
 
 def check_disk(args, params, device):
-    """Stop at the start (every rank) a run whose files will not fit on its disks (disk_needs; files a resumed run
-    replaces count as free)."""
+    """Stop at the start (every rank) a run whose files will not fit on its disks (disk_needs; a resume's are free)."""
     disks, msg = {}, ""
     for sub, n in disk_needs(args, params, dist.get_world_size()).items():
         at, files = (args.ring_dir, args.ring_dir) if sub == "ring" else (args.out, os.path.join(args.out, sub))
@@ -1147,8 +1081,7 @@ def select_delta(table, min_delta=1, z=2.0):
     return max(strong, key=lambda r: (r["S"], -r["delta"])), None
 
 
-# ---- the sources: near future (theta_t), past successes (replay), external references and a distant teacher, the
-# learner itself (Delta = 0: the control that separates "more samples" from "samples of the near future") --------
+# ---- the sources: near future, past successes, external references, a distant teacher, the learner itself -------
 def sample_correct(trainer, rows_idx):
     """m verified samples per prompt from the policy the engine holds (the guide theta_t, or a learner
     theta_s: what it solves itself). Returns ({row: [correct (ids, logps)]}, generated tokens)."""
@@ -1161,11 +1094,10 @@ def sample_correct(trainer, rows_idx):
     return correct, sum(len(ids) for ids, _ in samples)
 
 def past_solutions(replay, mistake_pool, rows_idx, m, group, before=None):
-    """The past source (replay, as in ExGRPO / RLEP) on the other sources' budget of m samples: a row's newest visit
-    before step `before` (any when None) drew `group` samples of which c were correct (c = 0: a mistake-pool entry);
-    it offers at most m of them and solves the row with probability 1 - C(group - c, m) / C(group, m), as m of that
-    visit's samples would. replay: (step, row, ids, logps), logps the trainer's at that step. Returns
-    ({row: [(ids, logps)]}, {row: that probability})."""
+    """The past source (replay, as ExGRPO / RLEP) on the other sources' budget of m samples: a row's newest visit before
+    step `before` (any when None) drew `group` samples, c of them correct (c = 0: a mistake-pool entry); it offers at
+    most m of them and solves the row with probability 1 - C(group - c, m) / C(group, m), as m of them would. replay:
+    (step, row, ids, logps), logps the trainer's then. Returns ({row: [(ids, logps)]}, {row: that probability})."""
     rows, visits = set(rows_idx), {}
     for step, row, *traj in [*replay, *mistake_pool]:
         if row in rows and (before is None or step < before):
@@ -1204,11 +1136,10 @@ def score_solutions(trainer, solutions):
     return out, (int(batch["attention_mask"].sum()) if traj else 0)
 
 def source_qv(trainer, solutions, q_rows, learner_solved, solved=None, learner_is_source=False):
-    """Q, V and S of one source for the learner now in the trainer, combined over ranks.
-    solutions: {row: [correct (ids, log pi_source)]}; q_rows: the prompts the learner failed;
-    learner_solved: {row: the learner solved it with m samples of its own}; solved: {row: the source solves it (a
-    bool, or a probability)}, by default whether it has a solution. V: one trajectory per solved q_row, its log-probs
-    under the learner scored here; learner_is_source: the source is the learner itself (its log-probs are these)."""
+    """Q, V and S of one source for the learner now in the trainer, combined over ranks. solutions: {row: [correct
+    (ids, log pi_source)]}; q_rows: the prompts the learner failed; learner_solved: {row: the learner solved it with m
+    samples of its own}; solved: {row: the source solves it (a bool or a probability)}, by default whether it has a
+    solution. V: one trajectory per solved q_row; learner_is_source: the source is the learner (these log-probs)."""
     solved = solved or {r: bool(solutions.get(r)) for r in q_rows}
     solutions = {r: solutions[r][:1] for r in q_rows if solutions.get(r)}
     learner, scored = score_solutions(trainer, solutions)
@@ -1227,13 +1158,12 @@ def source_qv(trainer, solutions, q_rows, learner_solved, solved=None, learner_i
             "pool_prompts": int(tot[0]), "trajectories": int(tot[6]), "scored_tokens": int(tot[9])}
 
 def qvs_table(trainer, state, t, candidates):
-    """Q, V and S of each source for the learner at each ring snapshot s = t - Delta (loaded into trainer and
-    engine); its failures are the mistake-pool prompts of steps [s, s + ring_every). Sources: future = the guide
-    theta_t (m samples per prompt, log pi_guide scored by the trainer before any snapshot is loaded); measured once
-    (largest Delta) on the same map: past = the learner's successes before s, self = m more samples of the learner
-    (Delta = 0: Q ~ 0, V ~ 1), external / teacher = reference_solutions. Only future rows choose Delta. Leaves the
-    last candidate loaded. Returns (table, this rank's generated and scored tokens; the table's scored_tokens are
-    all ranks' and counted by the caller)."""
+    """Q, V and S of each source for the learner at each ring snapshot s = t - Delta (loaded into trainer and engine);
+    its failures are the mistake-pool prompts of steps [s, s + ring_every). Sources: future = the guide theta_t (m
+    samples per prompt, log pi_guide scored by the trainer under theta_t); measured once (largest Delta) on the same
+    map: past (past_solutions), self = m more samples of the learner (Delta = 0: Q ~ 0, V = 1), external / teacher.
+    Only future rows choose Delta. Leaves the last candidate loaded. Returns (table, this rank's generated and scored
+    tokens; the table's scored_tokens are all ranks' and counted by the caller)."""
     a = trainer.args
     windows = {s: [r for step, r in state.mistake_pool if s <= step < s + a.ring_every] for s in candidates}
     rows = sorted({r for w in windows.values() for r in w})
@@ -1265,21 +1195,19 @@ def intervene(trainer, state, t, deltas, reason):
     1. measure the Q / V / S table (qvs_table), then put theta_t back in trainer and engine;
     2. pick Delta (manual: the given one; AutoNPO: select_delta, which may decline);
     3. sample the guide's correct trajectories for the prompts of the steps to be replayed;
-    4. restore snapshot t - Delta and drop what belongs to the abandoned branch (newer ring
-       snapshots, replayed successes and mistake-pool entries); the guide pool serves until t.
+    4. restore snapshot t - Delta and drop the abandoned branch's newer ring snapshots, replayed successes and
+       mistake-pool entries; the guide pool serves until t.
     Returns (new step, the intervention's metrics record)."""
     a, device = trainer.args, trainer.device
-    theta_t = _host_copy(trainer.model.state_dict())  # the guide's weights
+    theta_t = host_copy(trainer.model)  # the guide's weights
     candidates = [t - d for d in deltas if d > 0 and any(e["step"] == t - d for e in state.ring)]
     table, generated, scored = qvs_table(trainer, state, t, candidates) if candidates else ([], 0, 0)
     if candidates:
         load_weights(theta_t, trainer.model)
         sync_weights(trainer.engine, trainer.model)
     future = [r for r in table if r["source"] == "future"]
-    if a.mode == "npo":
-        best, why = (future[0], None) if future else (None, "no ring snapshot at that Delta")
-    else:
-        best, why = select_delta(future, a.min_delta, a.z)
+    best, why = select_delta(future, a.min_delta, a.z) if a.mode == "autonpo" else (  # manual NPO: the Delta told
+        (future[0], None) if future else (None, "no ring snapshot at that Delta"))
     rec = {"event": "intervention", "step": t, "reason": reason, "table": table, "delta": best and best["delta"]}
     new_step, state.guide_pool, pool_generated = t, {}, 0
     if best is None:
@@ -1315,10 +1243,9 @@ def intervene(trainer, state, t, deltas, reason):
 # When to intervene, from the policy's own per-step history; which Delta is select_delta's choice.
 def reward_stagnation(rewards, window, min_slope, z=2.0):
     """An event: the reward rose and has, with confidence, stopped. The last `window` rewards' slope plus z SE is
-    below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before by z
-    SE of the difference (an always-flat reward is no plateau to break; one that stays flat fires once). At a real
-    batch's per-step noise (sd ~0.05) a 60-step window's slope has an SE of ~0.0004 a step: 60 steps and 1e-3 tell a
-    knee from a steady rise of 0.0015 a step, which 30 steps cannot (error rates: test_trigger_error_rates)."""
+    below `min_slope` (a bare slope test fires on noise, like a timer) and their mean is above the window before's by z
+    SE (an always-flat reward is no plateau to break). At a real batch's noise (sd ~0.05 a step) a 60-step slope has an
+    SE of ~0.0004: 60 steps and 1e-3 tell a knee from a steady rise of 0.0015 a step, which 30 steps cannot."""
     if len(rewards) < 2 * window:
         return False
     last, prev = rewards[-window:], rewards[-2 * window:-window]
@@ -1353,9 +1280,9 @@ def autonpo_trigger(history, since_last, n_done, ring_ready, args):
     return next((name for name, yes in fired.items() if yes), None)
 
 def due_intervention(args, state, step):
-    """(candidate Deltas, reason) when an intervention is due after `step` steps, else None.
-    Manual NPO: bootstrapping (at step Delta, back to 0) and plateau breakthrough (at a given step,
-    back by Delta), once each. AutoNPO: a trigger fired; every older ring snapshot is a candidate."""
+    """(candidate Deltas, reason) when an intervention is due after `step` steps, else None. Manual NPO: bootstrapping
+    (at step Delta, back to 0) and plateau breakthrough (at a given step, back by Delta), once each. AutoNPO: a
+    trigger fired; every older ring snapshot is a candidate."""
     if args.mode == "npo":
         for name, at, delta in (("bootstrap", args.bootstrap_delta, args.bootstrap_delta),
                                 ("breakthrough", args.breakthrough_at, args.breakthrough_delta)):
@@ -1388,25 +1315,15 @@ def setup(args):
             json.dump(vars(args), f, indent=1)
     dist.barrier()
     path = model_path(args)
-    cfg, need = npo_data.model_config(path), args.max_prompt_tokens + args.max_new_tokens  # every engine: its positions
-    positions = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    positions, need = npo_data.model_positions(path), args.max_prompt_tokens + args.max_new_tokens  # every engine
     if positions and need > positions:
         sys.exit(f"error: --max_prompt_tokens {args.max_prompt_tokens} + --max_new_tokens {args.max_new_tokens} = {need} "
                  f"tokens, over the {positions} positions of {args.model} (max_position_embeddings): lower either")
     tokenizer, processor = load_tokenizer(path), load_processor(path, args)
     try:
-        train_rows, eval_rows = npo_data.load_data(args.data, args.difficulty, args.eval_data, args.eval_size,
-                                                   n_train=args.train_size)
-        encoded = []
-        for rows, where in ((train_rows, args.data), (eval_rows, args.eval_data or f"{args.data} (eval split)")):
-            encoded.append(npo_data.encode_prompts(tokenizer, rows, args.max_prompt_tokens, where, processor,
-                                                   args.filter_overlong_prompts, args.chat_template_kwargs))
-            if len(encoded[-1][0]) < len(rows):
-                log0(f"data: dropped {len(rows) - len(encoded[-1][0])} of {len(rows)} rows of {where} whose prompt "
-                     "is over --max_prompt_tokens (--filter_overlong_prompts)")
+        (train_rows, train_prompts), (eval_rows, eval_prompts) = npo_data.prepare_data(args, tokenizer, processor, log0)
     except npo_data.DataError as e:
         raise SystemExit(f"data error: {e}") from None
-    (train_rows, train_prompts), (eval_rows, eval_prompts) = encoded
     t = Trainer(args=args, rank=rank, world=world, device=device, tokenizer=tokenizer, processor=processor,
                 train_rows=train_rows, train_prompts=train_prompts, eval_rows=eval_rows, eval_prompts=eval_prompts)
     # the model as a field, never a local: importing vLLM pins this frame (a module of it keeps an ImportError's
@@ -1437,29 +1354,18 @@ def resume_if_asked(trainer, gen=None):
         log0("resume: no complete checkpoint, starting from step 0")
         return 0
     meta, extras = load_state(ckpt, trainer.model, trainer.optim, trainer.sched)
-    extras = [{**x, "npo": unpack_state(x["npo"])} if x.get("npo") else x for x in extras.values()]
+    extras = [{**x, "npo": npo_data.unpack_pools(x["npo"])} if x.get("npo") else x for x in extras.values()]
     if meta["world_size"] == trainer.world:  # the same ranks: each continues exactly where it was
         trainer.resumed = extras[0]
         if gen is not None:
             gen.set_state(trainer.resumed["shuffle_rng"])
-    else:
-        trainer.resumed = reshard_extras(trainer, extras, meta["step"])
-    log0(f"resume: continuing from {ckpt} (step {meta['step']}, written by {len(extras)} rank(s), read by {trainer.world})")
+    else:  # another number of ranks: each keeps the pool entries of the prompts it owns now (data.reshard_pools)
+        owned = functools.lru_cache(maxsize=None)(lambda s: set(step_rows(trainer, s)))
+        pools = npo_data.reshard_pools([x.get("npo") for x in extras], meta["step"], owned)
+        trainer.resumed = {**extras[0], "npo": pools}
+    log0(f"resume: continuing from {ckpt} (step {meta['step']}, written by {meta['world_size']} rank(s), read by "
+         f"{trainer.world})")
     return meta["step"]
-
-def reshard_extras(trainer, extras, step):
-    """A checkpoint written by another number of ranks: the run-wide extras are rank 0's; NPO's per-rank pools
-    (mistake pool, past successes, guide pool) are merged, and each rank keeps the prompts that the data order
-    (a function of the step) gives it now. The per-rank RNG streams (sampling, minibatch shuffles) start anew."""
-    if not extras[0].get("npo"):
-        return extras[0]
-    owned = functools.lru_cache(maxsize=None)(lambda s: set(step_rows(trainer, s)))
-    npo = {**extras[0]["npo"]}
-    for key in ("mistake_pool", "replay"):
-        npo[key] = sorted((e for x in extras for e in x["npo"][key] if e[1] in owned(e[0])), key=lambda e: e[0])
-    window = set().union(*(owned(s) for s in range(step, npo["guide_until"])))
-    npo["guide_pool"] = {r: v for x in extras for r, v in x["npo"]["guide_pool"].items() if r in window}
-    return {**extras[0], "npo": npo}
 
 def finish(trainer, summary, metrics):
     """Save the final model and summary.json, close the metrics; no rank leaves while another still talks to it."""
@@ -1477,7 +1383,7 @@ def run_sft(trainer):
     real instruct model does, for RL to start from."""
     args, model, tok = trainer.args, trainer.model, trainer.tokenizer
     start = resume_if_asked(trainer)
-    at = start if trainer.resumed is not None else None
+    at = start if trainer.resumed is not None else None  # (a resumed run's records after it are dropped)
     metrics = report.open_metrics(args.out, at, args.report_to, vars(args)) if trainer.rank == 0 else None
     sync_weights(trainer.engine, model)
     base = evaluate(trainer)
@@ -1521,8 +1427,8 @@ def sft_loss(model, batch, denom, args, device):
     return float(total)
 
 def rollout(trainer, step, guide=None):
-    """Sample G responses for this rank's prompts of `step`, score them, inject guide samples into
-    failing groups (`guide`: {row: correct samples}), and build the training batch."""
+    """Sample G responses for this rank's prompts of `step`, score them, inject guide samples into failing groups
+    (`guide`: {row: correct samples}), and build the training batch."""
     args, tok, G = trainer.args, trainer.tokenizer, trainer.args.group_size
     idx = step_rows(trainer, step)
     rows, prompts = [trainer.train_rows[i] for i in idx], [trainer.train_prompts[i] for i in idx]
@@ -1577,10 +1483,9 @@ def flop_params(trainer):
     return trainer.params - embed.numel() - head.numel() * (head is not embed) - vision, head.numel()
 
 def model_flops(trainer, tokens, head_tokens, passes=1):
-    """Model FLOPs of `passes` forward passes (a backward counts as 2) over `tokens` through the decoder (2 N_body each)
-    and `head_tokens` through the LM head (2 N_head each). What runs: the embedding is a lookup, and the head scores
-    only response positions (trainer) and new tokens (sampler). Attention's FLOPs and the vision tower's are left
-    out (~10-30% more at 4-8k tokens), so an MFU from these is a lower bound."""
+    """Model FLOPs of `passes` forward passes (a backward counts as 2): 2 N_body per token of `tokens`, 2 N_head per
+    token of `head_tokens` (the head scores only response positions and new tokens; the embedding is a lookup).
+    Attention's and the vision tower's are left out (~10-30% more at 4-8k tokens): an MFU from these is a floor."""
     body, head = trainer.flop_params
     return 2 * passes * (tokens * body + head_tokens * head)
 
@@ -1592,8 +1497,8 @@ def step_metrics(trainer, step, batch, info, stats):
     tot = reduce_stats({k: v for k, v in local.items() if k not in ("generate_s", "score_s", "train_s")}, trainer.device)
     rec = {**report.step_record(tot, step + 1, a.lr, a.kl_coef > 0), "generate_s": info["generate_s"],
            "score_s": info["score_s"], "train_s": stats["train_s"], **peak_memory(trainer)}
-    # the training passes: old (and reference) log-probs, then forward and backward per epoch
-    rec["train_flops"] = model_flops(trainer, rec["train_tokens"], tot["head_tokens"], 1 + 3 * a.ppo_epochs + (a.kl_coef > 0))
+    passes = 1 + 3 * a.ppo_epochs + (a.kl_coef > 0)  # old (and reference) log-probs, forward and backward per epoch
+    rec["train_flops"] = model_flops(trainer, rec["train_tokens"], tot["head_tokens"], passes)
     return rec
 
 def track_step(trainer, state, step, rec, failed_rows, successes, old_logp):
@@ -1606,7 +1511,8 @@ def track_step(trainer, state, step, rec, failed_rows, successes, old_logp):
     state.compute_flops += rec["train_flops"] + model_flops(trainer, rec["step_tokens"] + rec["prompt_tokens"],
                                                             rec["step_tokens"])  # (prefill scores no prompt position)
     state.mistake_pool = (state.mistake_pool + [(step, i) for i in failed_rows])[-a.pool_size:]
-    state.replay = (state.replay + [(step, i, ids, old_logp[k, :len(ids)].tolist()) for i, ids, k in successes])[-a.replay_size:]
+    new = [(step, i, ids, old_logp[k, :len(ids)].tolist()) for i, ids, k in successes]
+    state.replay = (state.replay + new)[-a.replay_size:]
     for key, val in (("reward", rec["reward"]), ("entropy", rec["entropy"]), ("all_wrong", rec["all_wrong_share"])):
         state.history[key].append(val)
 
@@ -1689,9 +1595,7 @@ def run_rl(trainer):
         if not args.quiet:
             log0(report.step_line(args.mode, args.steps, step, rec))
         if "eval_greedy" in rec:  # also with --quiet: a person watching a long job sees it live and when it ends
-            done, elapsed = state.compute_steps - compute0, time.time() - t0
-            log0(f"progress | {args.mode} | step {step}/{args.steps} | eval greedy {rec['eval_greedy']:.3f} | "
-                 f"{elapsed / 60:.1f} min, ~{elapsed / done * (args.steps - step) / 60:.1f} min left at this pace")
+            log0(report.progress_line(args.mode, args.steps, step, rec, time.time() - t0, state.compute_steps - compute0))
         # ---- NPO / AutoNPO: roll back Delta steps and retrain with theta_t as the guide -----------
         due = due_intervention(args, state, step)
         if due:
@@ -1701,7 +1605,7 @@ def run_rl(trainer):
             log0(report.intervention_line(args.mode, irec, new_step))
             step = new_step
         elif args.save_every and step % args.save_every == 0:
-            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": pack_state(state),
+            extra = {"shuffle_rng": gen.get_state(), "base_eval": base, "npo": npo_data.pack_pools(vars(state)),
                      "wall_s": wall0 + time.time() - t0}
             save_checkpoint(args.out, trainer.model, trainer.optim, trainer.sched, step, args.keep_checkpoints,
                             state.compute_steps, extra, [e["name"] for e in state.ring])
@@ -1716,10 +1620,10 @@ def run_rl(trainer):
                      "eval_n": base["eval_n"], "seconds": round(time.time() - t0, 1)}, metrics)
 
 def close(trainer=None):
-    """The end of a process, every rank: close the engine, free the policy and torch's caches that keep its device mesh
-    (and so the process group) alive, then destroy the group, whose threads are then joined. A group still held past
-    destroy_process_group keeps its gloo threads running into the interpreter's teardown, where now and then they
-    abort the rank ("terminate called without an active exception"). A caller holding the model elsewhere drops it."""
+    """The end of a process, every rank: close the engine, free the policy and torch's caches that hold its device mesh
+    (and so the process group), then destroy the group, joining its threads. A gloo group still held runs its threads
+    into the interpreter's teardown, which now and then aborts the rank ("terminate called without an active
+    exception"). A caller holding the model elsewhere drops it first."""
     if trainer is not None:
         close_engine(trainer.engine)  # (vLLM's shutdown also destroys the default process group)
         trainer.model = trainer.ref_model = trainer.optim = trainer.sched = trainer.engine = None

@@ -160,6 +160,13 @@ def step_line(mode, steps, step, rec):
             f"train {rec['train_s']:.2f}s sync {rec['sync_s']:.3f}s{ev}")
 
 
+def progress_line(mode, steps, step, rec, elapsed, done):
+    """The line printed at every evaluation, with --quiet too: the held-out accuracy and the time left at this pace
+    (`done` training steps in `elapsed` seconds)."""
+    return (f"progress | {mode} | step {step}/{steps} | eval greedy {rec['eval_greedy']:.3f} | {elapsed / 60:.1f} min, "
+            f"~{elapsed / done * (steps - step) / 60:.1f} min left at this pace")
+
+
 def intervention_line(mode, rec, new_step):
     """An intervention's lines: what it did (or why not) and its Q / V / S table."""
     head = rec.get("skipped") or (f"roll back to step {new_step} (Delta {rec['delta']}), guide solved "

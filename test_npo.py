@@ -302,7 +302,7 @@ def test_disk_check_counts_snapshots_and_refuses_before_training(world_of_one, t
 def test_flash_attention_only_when_it_imports(tmp_path, monkeypatch, capsys):
     """sdpa on a CPU; on a GPU flash_attention_2 only when transformers accepts it and the package
     imports: a broken build (here one that raises on import) falls back to sdpa with a warning."""
-    assert npo.flash_attention_works() is False
+    assert npo_data.flash_attention_works() is False
     import transformers.utils
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
@@ -310,11 +310,11 @@ def test_flash_attention_only_when_it_imports(tmp_path, monkeypatch, capsys):
     (tmp_path / "flash_attn" / "__init__.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    assert npo.flash_attention_works() is False
+    assert npo_data.flash_attention_works() is False
     assert "does not import" in capsys.readouterr().err
     (tmp_path / "flash_attn" / "__init__.py").write_text("")
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    assert npo.flash_attention_works() is True
+    assert npo_data.flash_attention_works() is True
     sys.modules.pop("flash_attn")  # the stand-in leaves with the test
 
 
@@ -1565,7 +1565,7 @@ def vllm_worker(path, out):
     vision = npo_data.vision_inputs(proc, rows)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     greedy = lambda: [ids for ids, _ in npo.generate(engine, prompts, npo.Sampling(1, 0.0, 1.0, 8, eos, pad), vision)]  # noqa: E731
-    snap0 = npo._host_copy(model.state_dict())
+    snap0 = npo.host_copy(model)
     greedy0 = greedy()
     gaps, moved = [], []
     for _ in range(3):
@@ -1843,19 +1843,19 @@ def test_sft_trains_while_the_engine_sleeps(world_of_one, tmp_path, monkeypatch)
 
 @SLOW
 def test_npo_state_round_trips_through_a_checkpoint_as_tensors(tmp_path):
-    """pack_state / unpack_state: the pools (mistake pool, past successes, guide pool) come back equal, with log-probs
+    """data.pack_pools / unpack_pools: the pools (mistake pool, past successes, guide pool) come back equal, with log-probs
     exact at float32 (what the engines and the trainer produce), and torch.load(weights_only=True) reads them."""
     f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).tolist()  # noqa: E731
     state = npo.NPOState(ring=[{"step": 0, "name": "step000000_c0000000"}], mistake_pool=[(0, 5), (1, 9)],
                          replay=[(0, 3, [4, 5, 6], f32([-0.1, -0.2, -0.3])), (2, 8, [151935], f32([-1e-8]))],
                          guide_pool={3: [([1], f32([-0.5])), ([2, 2], f32([-0.25, -2.0]))], 7: []}, compute_steps=4,
                          history={"reward": [0.1], "entropy": [0.2], "all_wrong": [0.3]})
-    torch.save({"npo": npo.pack_state(state)}, tmp_path / "rank0.pt")
-    back = npo.unpack_state(torch.load(tmp_path / "rank0.pt", weights_only=True)["npo"])
+    torch.save({"npo": npo_data.pack_pools(vars(state))}, tmp_path / "rank0.pt")
+    back = npo_data.unpack_pools(torch.load(tmp_path / "rank0.pt", weights_only=True)["npo"])
     want = dataclasses.asdict(state)
     want["guide_pool"] = {3: want["guide_pool"][3]}  # a prompt the guide did not solve holds no trajectory
     assert npo.NPOState(**back) == npo.NPOState(**want)
-    assert npo.unpack_state(npo.pack_state(npo.NPOState())) == dataclasses.asdict(npo.NPOState())
+    assert npo_data.unpack_pools(npo_data.pack_pools(vars(npo.NPOState()))) == dataclasses.asdict(npo.NPOState())
 
 
 def test_snapshot_restore_is_bit_exact(world_of_one, tmp_path):
@@ -2229,7 +2229,7 @@ def reshard_worker(path, out, phase):
         state = npo.NPOState(mistake_pool=[(s, i) for s in range(3) for i in rows[s]], guide_until=4, compute_steps=7,
                              replay=[(s, i, [5, 6], [-0.1, -0.2]) for s in range(3) for i in rows[s][:1]],
                              guide_pool={i: [([7], [-0.3])] for i in rows[3]}, history={"reward": [0.1, 0.2]})
-        extra = {"shuffle_rng": gen.get_state(), "base_eval": {"eval_greedy": 0.5}, "npo": npo.pack_state(state)}
+        extra = {"shuffle_rng": gen.get_state(), "base_eval": {"eval_greedy": 0.5}, "npo": npo_data.pack_pools(vars(state))}
         npo.save_checkpoint(out, model, optim, trainer.sched, 3, 1, 7, extra)
         saved = gathered()  # (a collective: every rank)
         if rank == 0:
@@ -3206,7 +3206,7 @@ def qv_curve(run, at="20,170", deltas="10,20,30,40,50,60", out=None):
     def load(step):  # the policy of `step` into trainer and engine; its NPO pools
         meta, extras = npo.load_state(ckpts[step], trainer.model, rng=False)
         npo.sync_weights(trainer.engine, trainer.model)
-        return npo.unpack_state(extras[0]["npo"])
+        return npo_data.unpack_pools(extras[0]["npo"])
     gap = min(b - a for a, b in zip(sorted(ckpts), sorted(ckpts)[1:]))  # the run's checkpoint interval (10)
     for s in map(int, at.split(",")):
         ds = [d for d in map(int, deltas.split(",")) if s + d in ckpts]
@@ -3241,20 +3241,20 @@ def qv_curve(run, at="20,170", deltas="10,20,30,40,50,60", out=None):
 
 def resume_bench(out="runs/bench/resume", successes="4096", tokens="4096", world="8"):
     """`bash run.sh bench resume`: what a resume reads of one rank's checkpoint file at a real run's size (the default
-    --replay_size of past successes of 4096-token responses), as Python lists (before) and as tensors (pack_state),
+    --replay_size of past successes of 4096-token responses), as Python lists (before) and as tensors (data.pack_pools),
     and how many such files each rank reads (before: every rank's; now: its own when the number of ranks is the same)."""
     os.makedirs(out, exist_ok=True)
     n, length, world = int(successes), int(tokens), int(world)
     ids, lps = list(range(length)), [-0.5] * length
     state = npo.NPOState(replay=[(s // 32, s, list(ids), list(lps)) for s in range(n)])
     res = {}
-    for name, pack in (("lists", dataclasses.asdict), ("tensors", npo.pack_state)):
+    for name, pack in (("lists", dataclasses.asdict), ("tensors", lambda st: npo_data.pack_pools(vars(st)))):
         path = os.path.join(out, f"rank0_{name}.pt")
         t = time.time()
         torch.save({"extra": {"npo": pack(state)}}, path)
         save_s, t = time.time() - t, time.time()
         loaded = torch.load(path, weights_only=True)["extra"]["npo"]
-        back = npo.unpack_state(loaded) if name == "tensors" else loaded
+        back = npo_data.unpack_pools(loaded) if name == "tensors" else loaded
         load_s = time.time() - t
         assert len(back["replay"]) == n and back["replay"][-1][2][-1] == length - 1
         reads = world if name == "lists" else 1
