@@ -461,6 +461,22 @@ def qv_by_source(tables):
     return {k: {name: ci(v) for name, v in vals[k].items()} for k in sorted(vals, key=order)}
 
 
+def trigger_steps(records, flags=()):
+    """The first step at which each AutoNPO trigger (npo's functions, its default flags or `flags`) fires on a run's
+    own per-step history (reward, entropy, all-wrong share, as metrics.jsonl has them; no cooldown, no cap): where
+    AutoNPO would have intervened on a run that never did. {trigger: step or None}."""
+    import npo  # (the triggers are npo's; report.py stays importable without torch otherwise)
+    a = npo.parse_args(["--mode", "autonpo", "--out", "/tmp/npo-unused", *flags])
+    steps = [r for r in records if "reward" in r and "event" not in r]
+    h = {k: [r[f] for r in steps] for k, f in (("reward", "reward"), ("entropy", "entropy"), ("all_wrong", "all_wrong_share"))}
+    tests = {"sparse_reward": lambda t: npo.sparse_reward(h["all_wrong"][:t], a.trigger_window, a.sparse_threshold, a.z),
+             "entropy_collapse": lambda t: npo.entropy_collapse(h["entropy"][:t], a.trigger_window, a.entropy_frac),
+             "reward_stagnation": lambda t: npo.reward_stagnation(h["reward"][:t], a.stagnation_window,
+                                                                  a.stagnation_slope, a.z)}
+    return {name: next((steps[t - 1]["step"] for t in range(1, len(steps) + 1) if fires(t)), None)
+            for name, fires in tests.items()}
+
+
 def s_curve_verdict(rows, z=2.0):
     """The criterion written before the Figure 2 measurement: S(Delta) of the near-future guide has an interior
     maximum when the Delta with the largest S is neither the smallest nor the largest measured, and its S is above
@@ -749,7 +765,14 @@ if __name__ == "__main__":
                    "default: the shortest other run's")
     p.add_argument("--qv", action="store_true", help="RUNS... are GRPO runs measured by `bash run.sh qv`: the S(Delta) "
                    "curves, their verdicts and qv_curves.png in the first one's parent directory")
+    p.add_argument("--triggers", action="store_true", help="RUNS... are runs: the first step at which each AutoNPO "
+                   "trigger fires on each one's own history")
     a = p.parse_args()
+    if a.triggers:
+        for run in [a.runs, *a.command]:
+            recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+            print(f"{run}: " + ", ".join(f"{k} {v}" for k, v in trigger_steps(recs).items()))
+        sys.exit(0)
     if a.qv:
         res = qv_curves([os.path.join(r, "qv_curve.json") for r in [a.runs, *a.command]])
         for key, (verdict, delta) in res["verdicts"].items():

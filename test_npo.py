@@ -897,6 +897,21 @@ def test_trigger_error_rates_on_known_events_and_steady_trends():
     assert rates["drop"] >= 0.95 and rates["sharpening"] <= 0.05 and rates["sparse"] >= 0.95 and rates["hovering"] <= 0.05
 
 
+def test_trigger_steps_replays_a_runs_own_history():
+    """report.trigger_steps on records whose events are known: a sparse start (all-wrong share 0.9) fires at the first
+    full window; a reward that rises 0.01 a step to step 100 and then stays flat (low noise) fires stagnation once a
+    flat window follows a rising one; entropy that drops to a quarter at step 150 fires within a window."""
+    rng = random.Random(4)
+    recs = [{"step": 0}] + [{"step": t, "reward": 0.1 + 0.01 * min(t, 100) + rng.gauss(0, 0.005),
+                             "entropy": 1.0 if t < 150 else 0.25, "all_wrong_share": 0.9 if t <= 30 else 0.2}
+                            for t in range(1, 201)]
+    got = report.trigger_steps(recs)
+    assert got["sparse_reward"] == 20 and 150 < got["entropy_collapse"] <= 170
+    assert 100 < got["reward_stagnation"] <= 160
+    assert report.trigger_steps([{"step": t, "reward": 0.3, "entropy": 1.0, "all_wrong_share": 0.1}
+                                 for t in range(1, 201)]) == dict.fromkeys(got)  # nothing happens: nothing fires
+
+
 def test_stagnation_fires_on_plateaus_not_on_noise():
     """1000 noisy flat rewards (sd 0.1, as the per-step mean of a few groups): the stagnation test fires at
     step 40 in at most 5% (a bare slope test: most of the time); 1000 rises that became low-noise plateaus
