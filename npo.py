@@ -253,6 +253,7 @@ class NPOState:
     manual_done: list = field(default_factory=list)   # manual NPO: 'bootstrap', 'breakthrough' done
     interventions: int = 0
     last_intervention: int = None                     # compute step of the last one (cooldown; None: elapsed)
+    pending: str = None                               # a trigger that fired before the ring had a candidate
     history: dict = field(default_factory=lambda: {"reward": [], "entropy": [], "all_wrong": []})
     compute_steps: int = 0                            # training steps run, replayed ones included
     generated_tokens: int = 0
@@ -1267,10 +1268,10 @@ def sparse_reward(all_wrong_shares, window, threshold, z=2.0):
     last = all_wrong_shares[-window:]
     return fmean(last) - z * math.sqrt(variance(last) / window) > threshold
 
-def autonpo_trigger(history, since_last, n_done, ring_ready, args):
-    """Why AutoNPO intervenes now, or None. history: per-step 'reward', 'entropy', 'all_wrong' of
-    the policy's own samples, in compute order; since_last: steps since the last intervention."""
-    if n_done >= args.max_interventions or since_last < args.cooldown or not ring_ready:
+def autonpo_trigger(history, since_last, n_done, args):
+    """Why AutoNPO intervenes now, or None. history: per-step 'reward', 'entropy', 'all_wrong' of the policy's own
+    samples, in compute order; since_last: steps since the last intervention."""
+    if n_done >= args.max_interventions or since_last < args.cooldown:
         return None
     w = args.trigger_window
     fired = {"sparse_reward": sparse_reward(history["all_wrong"], w, args.sparse_threshold, args.z),
@@ -1292,9 +1293,9 @@ def due_intervention(args, state, step):
     if args.mode == "autonpo":
         deltas = [step - e["step"] for e in state.ring if step - e["step"] >= max(args.min_delta, 1)]
         since = math.inf if state.last_intervention is None else state.compute_steps - state.last_intervention
-        reason = autonpo_trigger(state.history, since, state.interventions, bool(deltas), args)
-        if reason:
-            return deltas, reason
+        reason = autonpo_trigger(state.history, since, state.interventions, args) or state.pending
+        state.pending = None if deltas else reason  # an event the ring cannot serve yet waits for a snapshot
+        return (deltas, reason) if reason and deltas else None
     return None
 
 

@@ -813,14 +813,13 @@ def test_triggers_on_synthetic_series():
     assert npo.sparse_reward([0.9] * 5, 5, 0.6) and not npo.sparse_reward([0.5] * 5, 5, 0.6)
     a = _trigger_args()
     hist = {"reward": flat, "entropy": [1.0] * 30, "all_wrong": [0.1] * 30}
-    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "reward_stagnation"
-    assert npo.autonpo_trigger(hist, 9, 0, True, a) is None          # cooldown
-    assert npo.autonpo_trigger(hist, 50, 2, True, a) is None         # cap reached
-    assert npo.autonpo_trigger(hist, 50, 0, False, a) is None        # ring cannot supply a Delta
+    assert npo.autonpo_trigger(hist, 10, 0, a) == "reward_stagnation"
+    assert npo.autonpo_trigger(hist, 9, 0, a) is None          # cooldown
+    assert npo.autonpo_trigger(hist, 50, 2, a) is None         # cap reached
     hist["all_wrong"] = [0.9] * 30
-    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "sparse_reward"
+    assert npo.autonpo_trigger(hist, 10, 0, a) == "sparse_reward"
     hist = {"reward": rising, "entropy": [1.0] * 25 + [0.2] * 5, "all_wrong": [0.1] * 30}
-    assert npo.autonpo_trigger(hist, 10, 0, True, a) == "entropy_collapse"
+    assert npo.autonpo_trigger(hist, 10, 0, a) == "entropy_collapse"
 
 
 def _first_trigger(reward, entropy, all_wrong, **kw):
@@ -910,6 +909,21 @@ def test_trigger_steps_replays_a_runs_own_history():
     assert 100 < got["reward_stagnation"] <= 160
     assert report.trigger_steps([{"step": t, "reward": 0.3, "entropy": 1.0, "all_wrong_share": 0.1}
                                  for t in range(1, 201)]) == dict.fromkeys(got)  # nothing happens: nothing fires
+
+
+def test_a_trigger_that_fires_before_the_ring_can_serve_it_waits_for_a_snapshot():
+    """A run branched at step 150 (GRPO's checkpoint, no ring yet): its sparse-reward trigger fires at step 151, when
+    no snapshot is --min_delta old; the event is held, and AutoNPO intervenes at the first step the ring can serve
+    it (160, Delta 10), although the history no longer fires by then."""
+    args = npo.parse_args(["--mode", "autonpo", "--out", "/tmp/npo-unused"])
+    state = npo.NPOState(compute_steps=151, ring=[{"step": 150, "name": "s150"}],
+                         history={"reward": [0.3] * 151, "entropy": [1.0] * 151, "all_wrong": [0.9] * 151})
+    assert npo.due_intervention(args, state, 151) is None and state.pending == "sparse_reward"
+    state.history["all_wrong"] = [0.1] * 160
+    assert npo.autonpo_trigger(state.history, math.inf, 0, args) is None  # nothing fires any more ...
+    state.compute_steps = 160
+    assert npo.due_intervention(args, state, 160) == ([10], "sparse_reward")  # ... but the held event is served
+    assert state.pending is None
 
 
 def test_stagnation_fires_on_plateaus_not_on_noise():
