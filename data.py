@@ -22,8 +22,10 @@ and optionally images|image: paths relative to the file, or bytes / {"bytes": ..
 verl / EasyR1 layout), placed where the prompt says '<image>' (before the text when it does not).
 A malformed row raises DataError naming the file, row and field, before any training starts.
 
-The order in which training reads rows (prompts_for_step, a function of the step) and the layout of
-a rollout batch (make_batch: responses as [N, R] tensors) are here too.
+The order in which training reads rows (prompts_for_step, a function of the step), the layout of
+a rollout batch (make_batch: responses as [N, R] tensors) and of NPO's pools in a checkpoint (pack_pools:
+flat tensors; reshard_pools for another number of ranks) are here too, and the checks of what the model on
+disk and the machine allow (model_config, model_positions, gpus_unusable, flash_attention_works).
 
 The embedded model these tasks are learned by (build_tiny: a ~1M-parameter Qwen3 or Qwen3-VL from a
 config with a character-level tokenizer) is built here too: with the tasks it is the embedded default.
