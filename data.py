@@ -728,6 +728,21 @@ def gpus_unusable():
                          "CUDA_VISIBLE_DEVICES=")
 
 
+def engine_share(params, world, device_bytes, weight_bytes=2):
+    """--vllm_memory's default on a GPU: the device share vLLM may take while awake. Beside it the trainer keeps its
+    FSDP2 shard of fp32 master weights and AdamW's two moments (12 B a parameter / ranks) and 4 GiB for the CUDA
+    context, NCCL and the sync; the engine's share holds its own weights (`weight_bytes` a parameter), the rest is KV
+    cache. Stops with a message when the trainer leaves the engine less than its weights."""
+    trainer = 12 * params / world + 4 * 2**30
+    if device_bytes - trainer < 1.1 * weight_bytes * params:
+        raise SystemExit(f"error: {params / 1e9:.2f}B parameters on {world} rank(s): the trainer keeps {trainer / 1e9:.0f} GB a "
+                         "GPU (its shard of fp32 weights and AdamW, 12 B a parameter / ranks, and 4 GiB), which leaves vLLM "
+                         f"{max(device_bytes - trainer, 0) / 1e9:.0f} of the GPU's {device_bytes / 1e9:.0f} GB, less than its "
+                         f"weights ({weight_bytes * params / 1e9:.0f} GB): use more GPUs (torchrun --nproc_per_node) or "
+                         "set --vllm_memory yourself")
+    return 1 - trainer / device_bytes
+
+
 def is_embedded(model):
     """The embedded tiny model, freshly built or saved by an earlier run (build_tiny marks its config)."""
     return model in ("tiny", "tiny-vl") or bool((local_config(model) or {}).get("npo_embedded"))

@@ -1337,7 +1337,7 @@ def setup(args):
     check_disk(args, t.params, device)
     held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda" and args.vllm_memory is None:  # the trainer's sharded weights and AdamW stay resident
-        args.vllm_memory = 1 - (12 * t.params / world + 4 * 2**30) / torch.cuda.get_device_properties(device).total_memory
+        args.vllm_memory = npo_data.engine_share(t.params, world, torch.cuda.get_device_properties(device).total_memory)
     t.engine = make_engine(path, args, device, max(len(r.get("images", [])) for r in train_rows + eval_rows), processor)
     t.engine["bytes"] = torch.cuda.memory_allocated(device) - held if device.type == "cuda" else 0
     t.ref_model = load_policy(path, args, device).eval() if args.kl_coef > 0 and args.mode != "sft" else None

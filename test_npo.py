@@ -272,6 +272,37 @@ def test_model_flops_count_what_runs_by_hand(world_of_one):
     assert npo.flop_params(t) == (n - 2 * V * H, V * H)  # untied: embedding and head apart
 
 
+def test_engine_share_gives_vllm_what_the_trainer_leaves_and_stops_when_nothing_is():
+    """Qwen3-8B on 8 H100s (79.2 GiB as torch reports one): the trainer keeps 12 B a parameter / 8 ranks (fp32
+    weights and AdamW's moments, 12.3 GB) and 4 GiB, so vLLM gets 0.805 of the GPU; after its 16.4 GB of bf16 weights
+    that is 52 GB of KV cache, 353k tokens at Qwen3-8B's 144 KiB a token (36 layers x K and V x 8 heads x 128 x 2 B),
+    twice what the old fixed 0.5 left (177k). One rank holding a 32B model's optimizer leaves nothing: a message."""
+    N, gpu, kv_token = 8_190_735_360, 79.19 * 2**30, 36 * 2 * 8 * 128 * 2
+    share = npo_data.engine_share(N, 8, gpu)
+    assert share == pytest.approx(1 - (12 * N / 8 + 4 * 2**30) / gpu) and 0.80 < share < 0.81
+    kv = lambda s: (s * gpu - 2 * N) / kv_token  # noqa: E731
+    assert 350e3 < kv(share) < 356e3 and kv(share) > 1.9 * kv(0.5)
+    assert 0.88 < npo_data.engine_share(0.44e9, 1, gpu) < 0.89  # gpu-check's model on one GPU
+    with pytest.raises(SystemExit) as e:
+        npo_data.engine_share(32e9, 1, gpu)
+    assert "32.00B parameters on 1 rank(s)" in str(e.value) and "use more GPUs" in str(e.value)
+
+
+def test_peak_memory_is_the_trainers_own_from_the_engines_sleep(world_of_one, monkeypatch):
+    """torch's counters on a GPU include vLLM's weights and KV cache (tensors in its pool, which sleep only unmaps):
+    the logged peak takes off what the engine held when built, and counting starts when the engine goes to sleep.
+    (torch.cuda's counters faked: no GPU here; gpu-check asserts the real one is under 0.4 of the device.)"""
+    resets, peak = [], {"bytes": 45e9}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(npo, "all_reduce", lambda values, device, op="sum": values)
+    trainer = SimpleNamespace(device=torch.device("cuda"), engine={"bytes": 40e9, "sleep_mode": False})
+    npo.sleep_engine(trainer.engine)
+    assert resets == [1] and npo.peak_memory(trainer) == {"gpu_mem_peak_gb": pytest.approx(5.0)}
+    assert npo.peak_memory(SimpleNamespace(device=torch.device("cpu"))) == {}
+
+
 def test_disk_check_counts_snapshots_and_refuses_before_training(world_of_one, tmp_path, monkeypatch):
     """12 bytes per parameter per snapshot; checkpoints (+1 while a new one is written) with each rank's pools, the
     live ring (+1 being written) and the ring the newest checkpoint names, and a 4-byte final model; files a resumed
@@ -858,6 +889,24 @@ def test_triggers_on_synthetic_runs():
     state = npo.NPOState(ring=[{"step": s, "name": str(s)} for s in (0, 10, 20, 30)], compute_steps=40,
                          history={"reward": rising[:40], "entropy": [1.0] * 40, "all_wrong": [0.8] * 40})
     assert npo.due_intervention(args, state, 40) == ([40, 30], "sparse_reward")
+
+
+def test_autonpo_defaults_give_at_least_four_candidate_deltas_once_the_ring_has_filled():
+    """The run loop's schedule with AutoNPO's defaults (a snapshot every --ring_every steps taken before the step,
+    the newest --ring_size kept, a trigger checked after it): from the step the ring has filled, every intervention
+    compares 5 or 6 Deltas >= --min_delta (the S(Delta) curve has an interior to find). Their measurement is compute,
+    counted in test_autonpo_single_process (qv_flops)."""
+    args = npo.parse_args(["--mode", "autonpo", "--out", "/tmp/npo-unused"])
+    state, counts = npo.NPOState(), {}
+    for step in range(300):
+        if step % args.ring_every == 0:
+            state.ring = (state.ring + [{"step": step, "name": f"s{step}"}])[-args.ring_size:]
+        state.pending = "reward_stagnation"  # force the path: a trigger has fired
+        due = npo.due_intervention(args, state, step + 1)
+        if step + 1 >= args.ring_every * args.ring_size:
+            counts[step + 1] = len(due[0])
+            assert min(due[0]) >= args.min_delta and max(due[0]) <= args.ring_every * args.ring_size
+    assert set(counts.values()) == {5, 6}, counts
 
 
 def _fires(trigger, series, start, stop):
@@ -2407,12 +2456,14 @@ def test_subword_tokenizer_in_the_vision_language_path(tmp_path):
 def test_grpo_vllm_torchrun_two_ranks(sft_model, tmp_path):
     """--rollout vllm end to end under torchrun: exits 0, trains, the sampler matches the trainer
     (fp32: the TIS ratio stays at 1), and no process is left behind. Its log has no line per weight
-    sync or generate call (vLLM warnings that mean nothing here), and a progress line per evaluation."""
+    sync or generate call (vLLM warnings that mean nothing here), and a progress line per evaluation; its start line
+    says the KV cache's capacity in tokens."""
     out = str(tmp_path / "vllm_run")
     p = run(npo_cmd(2) + [*GRPO, "--rollout", "vllm", "--model", sft_model, "--steps", "3", "--eval_every", "2",
                            "--out", out])
     log = p.stdout + p.stderr
     assert "Failed to load weights" not in log and "set_num_threads" not in log, log[-3000:]
+    assert re.search(r"rollout vllm \(model runner V1, KV cache for [\d,]+ tokens: \d+ sequences", log)  # its capacity
     assert re.findall(r"^progress \| grpo \| step (\d)/3 \| eval greedy [\d.]+ \| [\d.]+ min, ~[\d.]+ min left", log,
                       re.M) == ["2", "3"]
     m = metrics(out)
