@@ -275,8 +275,9 @@ def test_model_flops_count_what_runs_by_hand(world_of_one):
 def test_engine_share_gives_vllm_what_the_trainer_leaves_and_stops_when_nothing_is():
     """Qwen3-8B on 8 H100s (79.2 GiB as torch reports one): the trainer keeps 12 B a parameter / 8 ranks (fp32
     weights and AdamW's moments, 12.3 GB) and 4 GiB, so vLLM gets 0.805 of the GPU; after its 16.4 GB of bf16 weights
-    that is 52 GB of KV cache, 353k tokens at Qwen3-8B's 144 KiB a token (36 layers x K and V x 8 heads x 128 x 2 B),
-    twice what the old fixed 0.5 left (177k). One rank holding a 32B model's optimizer leaves nothing: a message."""
+    that is 52 GB for KV cache (less vLLM's activation reserve), 353k tokens at Qwen3-8B's 144 KiB a token (36 layers
+    x K and V x 8 heads x 128 x 2 B), twice what the old fixed 0.5 left (177k). One rank holding a 32B model's
+    optimizer leaves nothing: a message."""
     N, gpu, kv_token = 8_190_735_360, 79.19 * 2**30, 36 * 2 * 8 * 128 * 2
     share = npo_data.engine_share(N, 8, gpu)
     assert share == pytest.approx(1 - (12 * N / 8 + 4 * 2**30) / gpu) and 0.80 < share < 0.81
