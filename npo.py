@@ -1268,17 +1268,19 @@ def sparse_reward(all_wrong_shares, window, threshold, z=2.0):
     last = all_wrong_shares[-window:]
     return fmean(last) - z * math.sqrt(variance(last) / window) > threshold
 
+def trigger_events(history, args):
+    """Each AutoNPO trigger on the policy's own per-step history ('reward', 'entropy', 'all_wrong', in compute order):
+    {name: fired}, in the order AutoNPO takes them (report.trigger_steps replays a run's history through it)."""
+    return {"sparse_reward": sparse_reward(history["all_wrong"], args.trigger_window, args.sparse_threshold, args.z),
+            "entropy_collapse": entropy_collapse(history["entropy"], args.trigger_window, args.entropy_frac),
+            "reward_stagnation": reward_stagnation(history["reward"], args.stagnation_window, args.stagnation_slope, args.z)}
+
 def autonpo_trigger(history, since_last, n_done, args):
-    """Why AutoNPO intervenes now, or None. history: per-step 'reward', 'entropy', 'all_wrong' of the policy's own
-    samples, in compute order; since_last: steps since the last intervention."""
+    """Why AutoNPO intervenes now (the first of trigger_events that fired), or None; since_last: steps since the last
+    intervention, against --cooldown; n_done: interventions so far, against --max_interventions."""
     if n_done >= args.max_interventions or since_last < args.cooldown:
         return None
-    w = args.trigger_window
-    fired = {"sparse_reward": sparse_reward(history["all_wrong"], w, args.sparse_threshold, args.z),
-             "entropy_collapse": entropy_collapse(history["entropy"], w, args.entropy_frac),
-             "reward_stagnation": reward_stagnation(history["reward"], args.stagnation_window, args.stagnation_slope,
-                                                    args.z)}
-    return next((name for name, yes in fired.items() if yes), None)
+    return next((name for name, yes in trigger_events(history, args).items() if yes), None)
 
 def due_intervention(args, state, step):
     """(candidate Deltas, reason) when an intervention is due after `step` steps, else None. Manual NPO: bootstrapping
@@ -1364,8 +1366,7 @@ def resume_if_asked(trainer, gen=None):
         owned = functools.lru_cache(maxsize=None)(lambda s: set(step_rows(trainer, s)))
         pools = npo_data.reshard_pools([x.get("npo") for x in extras], meta["step"], owned)
         trainer.resumed = {**extras[0], "npo": pools}
-    log0(f"resume: continuing from {ckpt} (step {meta['step']}, written by {meta['world_size']} rank(s), read by "
-         f"{trainer.world})")
+    log0(f"resume: continuing from {ckpt} (step {meta['step']}, written by {meta['world_size']} rank(s), read by {trainer.world})")
     return meta["step"]
 
 def finish(trainer, summary, metrics):
@@ -1622,9 +1623,8 @@ def run_rl(trainer):
 
 def close(trainer=None):
     """The end of a process, every rank: close the engine, free the policy and torch's caches that hold its device mesh
-    (and so the process group), then destroy the group, joining its threads. A gloo group still held runs its threads
-    into the interpreter's teardown, which now and then aborts the rank ("terminate called without an active
-    exception"). A caller holding the model elsewhere drops it first."""
+    (and so the process group), then destroy the group, joining its threads: a gloo group still held runs them into the
+    interpreter's teardown, which now and then aborts the rank. A caller holding the model elsewhere drops it first."""
     if trainer is not None:
         close_engine(trainer.engine)  # (vLLM's shutdown also destroys the default process group)
         trainer.model = trainer.ref_model = trainer.optim = trainer.sched = trainer.engine = None

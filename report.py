@@ -462,19 +462,15 @@ def qv_by_source(tables):
 
 
 def trigger_steps(records, flags=()):
-    """The first step at which each AutoNPO trigger (npo's functions, its default flags or `flags`) fires on a run's
+    """The first step at which each AutoNPO trigger (npo.trigger_events, its default flags or `flags`) fires on a run's
     own per-step history (reward, entropy, all-wrong share, as metrics.jsonl has them; no cooldown, no cap): where
     AutoNPO would have intervened on a run that never did. {trigger: step or None}."""
     import npo  # (the triggers are npo's; report.py stays importable without torch otherwise)
     a = npo.parse_args(["--mode", "autonpo", "--out", "/tmp/npo-unused", *flags])
     steps = [r for r in records if "reward" in r and "event" not in r]
     h = {k: [r[f] for r in steps] for k, f in (("reward", "reward"), ("entropy", "entropy"), ("all_wrong", "all_wrong_share"))}
-    tests = {"sparse_reward": lambda t: npo.sparse_reward(h["all_wrong"][:t], a.trigger_window, a.sparse_threshold, a.z),
-             "entropy_collapse": lambda t: npo.entropy_collapse(h["entropy"][:t], a.trigger_window, a.entropy_frac),
-             "reward_stagnation": lambda t: npo.reward_stagnation(h["reward"][:t], a.stagnation_window,
-                                                                  a.stagnation_slope, a.z)}
-    return {name: next((steps[t - 1]["step"] for t in range(1, len(steps) + 1) if fires(t)), None)
-            for name, fires in tests.items()}
+    fired = [npo.trigger_events({k: v[:t] for k, v in h.items()}, a) for t in range(1, len(steps) + 1)]
+    return {name: next((r["step"] for r, f in zip(steps, fired) if f[name]), None) for name in npo.trigger_events(h, a)}
 
 
 def s_curve_verdict(rows, z=2.0):
